@@ -1,0 +1,235 @@
+"""ModelConfig: every number that defines a DeepSeek-V3-architecture model.
+
+Field names are the ones of the released ``config.json`` (the HF layout), so a
+config can be read from and written to that file unchanged. Three presets:
+
+* ``tiny``         -- a few thousand parameters, for unit tests;
+* ``toy``          -- the model ``make train`` trains on Shakespeare on a CPU;
+* ``deepseek-v3``  -- the released 671B configuration (build it on the meta device).
+
+Validation runs at construction: a bad value raises ``ValueError`` naming the
+field, the value and what is allowed, instead of failing deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RopeScaling:
+    """YaRN context extension (V3 report sec. 4.3); the ``rope_scaling`` block of config.json."""
+
+    factor: float = 40.0  # s: how much longer the extended context is than the original
+    original_max_position_embeddings: int = 4096  # context length of pre-training
+    beta_fast: float = 32.0  # dims rotating more than beta_fast times in the context keep RoPE
+    beta_slow: float = 1.0  # dims rotating fewer than beta_slow times are fully interpolated
+    mscale: float = 1.0  # attention-temperature coefficient (0.1*mscale*ln(s)+1)
+    mscale_all_dim: float = 1.0  # same, applied to the softmax scale of all dims
+    type: str = "yarn"  # only YaRN is used by DeepSeek-V3
+
+    def __post_init__(self) -> None:
+        if self.type != "yarn":
+            raise ValueError(f"rope_scaling.type={self.type!r}: only 'yarn' is supported")
+        if self.factor < 1:
+            raise ValueError(f"rope_scaling.factor={self.factor}: must be >= 1")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(
+                f"rope_scaling.beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: "
+                "need beta_fast > beta_slow > 0"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a DeepSeek-V3 model (HF ``config.json`` field names)."""
+
+    vocab_size: int = 129280  # number of token ids
+    hidden_size: int = 7168  # d: width of the residual stream
+    intermediate_size: int = 18432  # hidden width of the dense SwiGLU FFN (first layers)
+    moe_intermediate_size: int = 2048  # hidden width of one (fine-grained) expert
+    num_hidden_layers: int = 61  # decoder blocks of the main model
+    first_k_dense_replace: int = 3  # the first k blocks use a dense FFN instead of MoE
+    num_attention_heads: int = 128  # n_h
+    q_lora_rank: int = 1536  # d_c': query latent width; 0 = no query compression
+    kv_lora_rank: int = 512  # d_c: joint key/value latent width (what is cached)
+    qk_nope_head_dim: int = 128  # d_h: per-head query/key width without RoPE
+    qk_rope_head_dim: int = 64  # d_h^R: decoupled RoPE width (shared key across heads)
+    v_head_dim: int = 128  # per-head value width
+    n_shared_experts: int = 1  # N_s: experts every token goes through
+    n_routed_experts: int = 256  # N_r: experts chosen by the router
+    num_experts_per_tok: int = 8  # K_r: routed experts per token
+    n_group: int = 8  # M: expert groups (one per node in the report)
+    topk_group: int = 4  # groups a token may route to (node-limited routing)
+    routed_scaling_factor: float = 2.5  # multiplies the normalised routed weights
+    scoring_func: str = "sigmoid"  # affinity s = sigmoid(u.e) ('softmax' for V2-style)
+    norm_topk_prob: bool = True  # normalise the selected weights to sum to 1
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    max_position_embeddings: int = 163840  # longest context the model is built for
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)  # YaRN or None
+    num_nextn_predict_layers: int = 1  # D: multi-token-prediction depth
+    tie_word_embeddings: bool = False  # V3 keeps embedding and output head separate
+    initializer_range: float = 0.006  # init std (report sec. 4.2; config.json ships 0.02)
+    # Training-loss coefficients (not part of the released config.json).
+    mtp_loss_lambda: float = 0.3  # lambda of L_MTP (report eq. 25)
+    aux_loss_alpha: float = 0.0001  # alpha of the sequence-wise balance loss (eq. 17)
+    expert_aux_loss_alpha: float = 0.0  # classic batch-level balance loss ("aux-loss" baseline)
+
+    # -- validation ---------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**_known(RopeScaling, self.rope_scaling))
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+            "n_group", "topk_group", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        non_negative = ["q_lora_rank", "n_shared_experts", "num_nextn_predict_layers",
+                        "first_k_dense_replace"]
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim}: RoPE rotates pairs, so it must be even"
+            )
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(
+                f"first_k_dense_replace={self.first_k_dense_replace}: at most "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"scoring_func={self.scoring_func!r}: use 'sigmoid' or 'softmax'")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                f"n_routed_experts={self.n_routed_experts}"
+            )
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(
+                f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                f"n_group={self.n_group}"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
+            raise ValueError(
+                f"n_group={self.n_group}: each group needs >= 2 experts for the top-2-sum "
+                f"group score (n_routed_experts={self.n_routed_experts})"
+            )
+        kept = self.topk_group * (self.n_routed_experts // self.n_group)
+        if kept < self.num_experts_per_tok:
+            raise ValueError(
+                f"topk_group={self.topk_group}: group-limited routing keeps only {kept} experts, "
+                f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
+            )
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("mtp_loss_lambda", "aux_loss_alpha", "expert_aux_loss_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+
+    # -- derived sizes ------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: the no-RoPE part plus the decoupled RoPE part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Blocks from ``first_k_dense_replace`` on (MTP blocks included) use MoE."""
+        return layer_idx >= self.first_k_dense_replace
+
+    # -- presets and config.json ----------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """One of ``PRESETS`` with optional field overrides, validated."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields of a DeepSeek-V3 ``config.json`` (HF transformers layout)."""
+        d = self.to_dict()
+        d["q_lora_rank"] = self.q_lora_rank or None  # the HF file writes null for "no LoRA"
+        d.update(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            num_key_value_heads=self.num_attention_heads,  # MLA: every head has its own K/V
+            hidden_act="silu",
+            topk_method="noaux_tc",
+            moe_layer_freq=1,
+            attention_bias=False,
+            bos_token_id=0,
+            eos_token_id=1,
+            torch_dtype="bfloat16",
+        )
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a (possibly HF) dict; unknown keys such as ``torch_dtype`` are ignored."""
+        d = dict(d)
+        if d.get("model_type", "deepseek_v3") != "deepseek_v3":
+            raise ValueError(
+                f"config model_type={d['model_type']!r}: minidsv3 reads only 'deepseek_v3'"
+            )
+        if d.get("q_lora_rank") is None:
+            d["q_lora_rank"] = 0
+        return cls(**_known(cls, d))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _known(kind: type, d: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the keys that are fields of the dataclass ``kind``."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The released DeepSeek-V3 (every default above is its value).
+    "deepseek-v3": {},
+    # Trains on Shakespeare characters on a laptop CPU; same structure at small width.
+    "toy": dict(
+        vocab_size=128, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
+        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        max_position_embeddings=256, rope_scaling=None,
+    ),
+    # Smallest sensible model, for unit tests (milliseconds per forward).
+    "tiny": dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=16,
+        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        max_position_embeddings=64, rope_scaling=None,
+    ),
+}
