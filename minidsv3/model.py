@@ -143,7 +143,8 @@ class DeepSeekV3(nn.Module):
 
         self.check_tokens(targets, name="targets")
         if targets.shape != tokens.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != tokens {tuple(tokens.shape)}")
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
         out.ce = cross_entropy(logits, targets)
         h_prev = h
         for k, module in enumerate(self.mtp, start=1):

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from minidsv3 import ModelConfig
+from minidsv3.config import PRESETS, RopeScaling
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(n_routed_experts=10, n_group=4), "n_routed_experts"),
+        (dict(topk_group=5), "topk_group"),
+        # 2 groups of 2 experts kept = 4 experts < 6 per token
+        (dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=6), "topk_group"),
+        (dict(kv_lora_rank=0), "kv_lora_rank"),
+        (dict(hidden_size=-8), "hidden_size"),
+        (dict(q_lora_rank=-1), "q_lora_rank"),
+        (dict(qk_rope_head_dim=5), "qk_rope_head_dim"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(first_k_dense_replace=3), "first_k_dense_replace"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(mtp_loss_lambda=-0.1), "mtp_loss_lambda"),
+        (dict(rope_scaling={"factor": 0.5}), "rope_scaling.factor"),
+    ],
+)
+def test_bad_config_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ModelConfig.preset("tiny", **changes)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="deepseek-v3"):
+        ModelConfig.preset("gpt4")
+
+
+def test_released_preset_matches_design_facts():
+    c = ModelConfig.preset("deepseek-v3")
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.moe_intermediate_size) == (
+        129280, 7168, 18432, 2048)
+    assert (c.num_hidden_layers, c.first_k_dense_replace, c.num_attention_heads) == (61, 3, 128)
+    assert (c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim,
+            c.v_head_dim) == (1536, 512, 128, 64, 128)
+    assert (c.n_shared_experts, c.n_routed_experts, c.num_experts_per_tok, c.n_group,
+            c.topk_group) == (1, 256, 8, 8, 4)
+    assert c.routed_scaling_factor == 2.5 and c.scoring_func == "sigmoid" and c.norm_topk_prob
+    assert c.rope_scaling == RopeScaling(40, 4096, 32, 1, 1.0, 1.0)
+    assert c.max_position_embeddings == 163840 and c.num_nextn_predict_layers == 1
+    assert not c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_theta == 1e4
+
+
+def test_json_round_trip_and_hf_layout(tmp_path):
+    cfg = ModelConfig.preset("deepseek-v3")
+    path = tmp_path / "config.json"
+    cfg.to_json(path)
+    raw = json.loads(path.read_text())
+    assert raw["model_type"] == "deepseek_v3"
+    assert raw["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert raw["rope_scaling"]["type"] == "yarn" and raw["rope_scaling"]["factor"] == 40
+    assert ModelConfig.from_json(path) == cfg
+
+
+def test_from_dict_reads_a_released_style_config():
+    """Extra HF keys are ignored, null q_lora_rank means no query compression."""
+    d = {**PRESETS["tiny"], "q_lora_rank": None, "torch_dtype": "bfloat16",
+         "quantization_config": {"fmt": "e4m3"}, "model_type": "deepseek_v3",
+         "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                          "mscale_all_dim": 1.0}}
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.q_lora_rank == 0
+    assert cfg.rope_scaling.factor == 4
+
+
+def test_other_architecture_is_refused():
+    with pytest.raises(ValueError, match="llama"):
+        ModelConfig.from_dict({"model_type": "llama", "hidden_size": 8})
+
+
+def test_replace_validates():
+    cfg = ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="topk_group"):
+        cfg.replace(topk_group=99)
