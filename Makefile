@@ -29,7 +29,7 @@ lab: install
 	$(VENV)/bin/jupyter lab notebooks
 
 notebooks: install
-	$(PY) -m minidsv3.notebooks
+	$(PY) notebooks/execute.py
 
 lint: install
 	$(VENV)/bin/ruff check minidsv3 tests

@@ -41,7 +41,9 @@ class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))  # e_i
+        # e_i: one centroid per routed expert (the model re-initialises it with the rest)
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=cfg.initializer_range)
         # Training-only state: a buffer updated under no_grad, never seen by the optimizer.
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)

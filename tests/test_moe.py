@@ -145,3 +145,10 @@ def test_sequence_balance_loss_by_hand():
 def test_max_violation():
     assert max_violation(torch.tensor([2.0, 2.0, 2.0, 2.0])).item() == 0
     assert max_violation(torch.tensor([4.0, 2.0, 1.0, 1.0])).item() == pytest.approx(1.0)
+
+
+def test_a_standalone_gate_is_initialised():
+    """Built outside DeepSeekV3, the gate must still hold finite, small random centroids."""
+    gate = Gate(CFG)
+    assert torch.isfinite(gate.weight).all()
+    assert 0.5 * CFG.initializer_range < gate.weight.std() < 2 * CFG.initializer_range

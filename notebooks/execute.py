@@ -1,0 +1,69 @@
+"""Re-execute notebooks in full mode, in place, and scrub their metadata.
+
+    python notebooks/execute.py                 # every walkthrough and exercise solution
+    python notebooks/execute.py 02_mla.ipynb    # just these
+
+This is how the committed outputs are made (`make notebooks`): full mode means
+MINIDSV3_QUICK is unset, so training cells run their long versions. Metadata is
+reduced to the kernelspec and language name so diffs show only real changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def scrub(nb: nbformat.NotebookNode) -> None:
+    """Keep outputs; drop execution timing, widget state and other per-run metadata."""
+    nb.metadata = nbformat.NotebookNode(
+        kernelspec=KERNELSPEC, language_info={"name": "python"}
+    )
+    count = 0
+    for cell in nb.cells:
+        cell.metadata = nbformat.NotebookNode()
+        if cell.cell_type == "code":
+            # nbval refuses cells that have outputs but no execution count: renumber 1, 2, ...
+            count += 1
+            cell.execution_count = count
+            for output in cell.outputs:
+                if "execution_count" in output:
+                    output["execution_count"] = count
+
+
+def execute(path: Path, timeout: int) -> float:
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    scrub(nb)
+    nbformat.write(nb, path)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help="notebooks to run (default: all walkthroughs and solutions)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    args = parser.parse_args(argv)
+    if os.environ.get("MINIDSV3_QUICK") == "1":
+        sys.exit("MINIDSV3_QUICK=1 is set: unset it, committed notebooks carry full-run outputs")
+    paths = args.notebooks or sorted(HERE.glob("0*.ipynb")) + sorted(
+        (HERE / "exercises" / "solutions").glob("*.ipynb"))
+    for path in paths:
+        print(f"{path.name:45s} ", end="", flush=True)
+        print(f"{execute(path.resolve(), args.timeout):7.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
