@@ -30,6 +30,7 @@ lab: install
 
 notebooks: install
 	$(PY) notebooks/execute.py
+	$(PY) -m minidsv3.exercises build
 
 lint: install
 	$(VENV)/bin/ruff check minidsv3 tests

@@ -1,0 +1,455 @@
+"""Classroom exercises: build sync, specific verdicts for planted mistakes, the grader."""
+
+import csv
+import json
+import math
+
+import nbformat
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+from minidsv3.exercises import TASKS, check, hint, run_check, tasks_of
+from minidsv3.exercises import build as ex_build
+from minidsv3.exercises import grade as ex_grade
+from minidsv3.exercises.__main__ import main as cli
+from minidsv3.exercises.core import RESULTS_ENV
+from minidsv3.layers import apply_rotary_emb
+
+SOLUTIONS = sorted((ex_build.EXERCISES / "solutions").glob("*_solution.ipynb"))
+
+
+def solution_functions(path):
+    """Run a solution notebook's code in this process; return its namespace."""
+    namespace = {}
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code" and not cell.source.startswith("check("):
+            exec(compile(cell.source, str(path), "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------------------------
+# One source, two versions
+# ---------------------------------------------------------------------------------
+def test_student_notebooks_are_in_sync_with_the_solutions():
+    assert cli(["build", "--check"]) == 0
+    assert [p.stem for p in SOLUTIONS] == [f"{s}_solution" for s in sorted(
+        {t.set_id for t in TASKS.values()})]
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solutions_are_committed_with_passing_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    checks = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check(")]
+    printed = ["".join(o.get("text", "") for o in c.outputs) for c in checks]
+    assert len(checks) == len(tasks_of(path.stem.removesuffix("_solution")))
+    assert all(text.startswith("✓ ") and "passed" in text for text in printed), printed
+
+
+def write_nb(path, sources, metadata=None):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata = metadata or {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                              "language": "python"}}
+    nbformat.write(nb, path)
+
+
+SOLUTION_CELL = '''def mtp_loss(ce_per_depth, lam):
+    """lam / D * sum."""
+    ### BEGIN SOLUTION
+    total = sum(ce_per_depth)
+    return lam / len(ce_per_depth) * total
+    ### END SOLUTION'''
+
+
+def test_build_replaces_the_solution_with_a_stub_and_check_notices_edits(tmp_path, capsys):
+    (tmp_path / "solutions").mkdir()
+    solution = tmp_path / "solutions" / "05_mtp_solution.ipynb"
+    checks = ["check(mtp_inputs)", "check(mtp_combine)", "check(mtp_loss)"]
+    write_nb(solution, [SOLUTION_CELL, *checks])
+    nb = nbformat.read(solution, as_version=4)
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="old output")]
+    nb.cells[0].execution_count = 3
+    nbformat.write(nb, solution)
+
+    assert cli(["build", "--dir", str(tmp_path)]) == 0
+    student = nbformat.read(tmp_path / "05_mtp.ipynb", as_version=4)
+    stub = student.cells[0].source
+    assert stub.startswith('def mtp_loss(ce_per_depth, lam):\n    """lam / D * sum."""\n')
+    assert "sum(ce_per_depth)" not in stub and "SOLUTION" not in stub
+    assert '    raise NotImplementedError("mtp_loss: replace this line with your code")' in stub
+    assert student.cells[0].outputs == [] and student.cells[0].execution_count is None
+    assert [c.source for c in student.cells[1:]] == checks
+    assert student.metadata["minidsv3"] == {"exercise_set": "05_mtp"}
+    namespace = {}
+    exec(stub, namespace)  # the stub is valid Python that raises NotImplementedError
+    with pytest.raises(NotImplementedError):
+        namespace["mtp_loss"]([torch.tensor(1.0)], 0.3)
+
+    assert cli(["build", "--check", "--dir", str(tmp_path)]) == 0
+    student.cells[0].source += "\n# edited by hand"
+    nbformat.write(student, tmp_path / "05_mtp.ipynb")
+    write_nb(tmp_path / "99_orphan.ipynb", ["x = 1"])
+    capsys.readouterr()
+    assert cli(["build", "--check", "--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "05_mtp.ipynb: out of sync" in out and "99_orphan.ipynb: no solution" in out
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("### BEGIN SOLUTION\nx = 1\n### END SOLUTION", "inside a function body"),
+    ("def f():\n    ### BEGIN SOLUTION\n    return 1", "never closed"),
+    ("def f():\n    return 1\n    ### END SOLUTION", "without"),
+])
+def test_build_rejects_misplaced_markers(source, problem):
+    with pytest.raises(ex_build.BuildError, match=problem):
+        ex_build.strip_solutions(source, "cell 1")
+
+
+def test_build_requires_a_check_cell_for_every_task(tmp_path):
+    (tmp_path / "solutions").mkdir()
+    write_nb(tmp_path / "solutions" / "05_mtp_solution.ipynb", [SOLUTION_CELL, "check(mtp_loss)"])
+    with pytest.raises(ex_build.BuildError, match="'mtp_inputs' .* has no check"):
+        ex_build.build(tmp_path)
+
+
+# ---------------------------------------------------------------------------------
+# Verdicts
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_functions_pass_every_check(path):
+    namespace = solution_functions(path)
+    for name in tasks_of(path.stem.removesuffix("_solution")):
+        verdict = run_check(name, namespace[name])
+        assert verdict.status == "pass", verdict.line()
+
+
+def test_a_stub_reports_not_implemented_without_raising(capsys):
+    def stub(*args):
+        raise NotImplementedError("gate: replace this line with your code")
+
+    for name in TASKS:
+        assert run_check(name, stub).status == "todo"
+    check("gate", stub)
+    assert capsys.readouterr().out.startswith("… gate: not implemented yet")
+
+    def gate(x, weight, bias, n_group, topk_group, top_k, scale):  # written, but calls a stub
+        return group_limited_topk(x, n_group, topk_group, top_k)
+
+    def group_limited_topk(*args):
+        raise NotImplementedError("group_limited_topk: replace this line with your code")
+
+    assert run_check("gate", gate).message == (
+        "not implemented yet: it calls group_limited_topk, which is still a stub")
+
+
+def test_an_exception_becomes_a_one_line_verdict(capsys):
+    def gate(x, weight, bias, n_group, topk_group, top_k, scale):
+        scores = x @ weight  # wrong orientation: (N, d) @ (N_r, d)
+        return scores, scores
+
+    check(gate)
+    out = capsys.readouterr().out
+    assert out.startswith("✗ gate: your function raised RuntimeError: ")
+    assert "line 2 of your function: `scores = x @ weight" in out
+    assert "Traceback" not in out and out.count("\n") == 1
+
+
+def test_check_records_results_for_the_grader(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv(RESULTS_ENV, str(results))
+    check("mtp_loss", lambda ce, lam: lam / len(ce) * torch.stack(ce).sum())
+    check("mtp_loss", lambda ce, lam: lam * torch.stack(ce).sum())
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["set"], r["task"], r["status"], r["source"]) for r in rows] == [
+        ("05_mtp", "mtp_loss", "pass", "cell"), ("05_mtp", "mtp_loss", "fail", "cell")]
+    assert "divide by D" in rows[1]["message"]
+
+
+def test_check_and_hint_explain_wrong_names(capsys):
+    def my_gate(x):
+        return x
+
+    check(my_gate)
+    assert "'my_gate' is not a task name" in capsys.readouterr().out
+    check("gate")
+    assert "pass your function as well: check('gate', your_function)" in capsys.readouterr().out
+    hint("gate")
+    assert capsys.readouterr().out.startswith("hint 1/3 for gate: ")
+    hint("gate", 3)
+    assert "(more" not in capsys.readouterr().out
+    hint("gate", 4)
+    assert "gate has 3 hints: hint('gate', 1) ... hint('gate', 3)" in capsys.readouterr().out
+    hint("gates")
+    assert "no task named 'gates'" in capsys.readouterr().out
+
+
+def test_every_task_has_hints_and_a_planted_mistake():
+    assert all(len(t.hints) >= 2 for t in TASKS.values())
+    assert {name for name, _, _ in MISTAKES} == set(TASKS)
+
+
+# Planted mistakes: (task, wrong implementation, words the verdict must contain).
+def _halves(x, angles):
+    x1, x2 = x.chunk(2, -1)
+    c, s = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _topk(biased, n_group, topk_group, top_k, group_score=lambda g: g.topk(2, -1).values.sum(-1)):
+    grouped = rearrange(biased, "n (g e) -> n g e", g=n_group)
+    keep = group_score(grouped).topk(topk_group, -1).indices
+    dropped = torch.ones(grouped.shape[:2], dtype=torch.bool).scatter(1, keep, False)
+    grouped = grouped.masked_fill(dropped[..., None], float("-inf"))
+    return rearrange(grouped, "n g e -> n (g e)").topk(top_k, -1).indices
+
+
+def _gate(weights_from="s", normalise=True, scaled=True, select_bias=True):
+    def gate(x, weight, bias, n_group, topk_group, top_k, scale):
+        s = torch.sigmoid(x @ weight.T)
+        idx = _topk(s + bias if select_bias else s, n_group, topk_group, top_k)
+        w = (s + bias if weights_from == "biased" else s).gather(1, idx)
+        w = w / w.sum(-1, keepdim=True) if normalise else w
+        return (w * scale if scaled else w), idx
+    return gate
+
+
+def _combine(shared=True, residual=False):
+    def moe_combine(x, weights, idx, experts, shared_expert):
+        out = shared_expert(x) if shared else torch.zeros_like(x)
+        for n in range(x.shape[0]):
+            for j in range(idx.shape[1]):
+                out[n] += weights[n, j] * experts[int(idx[n, j])](x[n:n + 1])[0]
+        return out + x if residual else out
+    return moe_combine
+
+
+def _balance(normalise=True, pooled=False, detach=False):
+    def loss(scores, idx, alpha):
+        if pooled:
+            scores, idx = scores.flatten(0, 1)[None], idx.flatten(0, 1)[None]
+        B, T, E = scores.shape
+        counts = torch.stack([torch.bincount(i.flatten(), minlength=E) for i in idx]).float()
+        s = scores / scores.sum(-1, keepdim=True) if normalise else scores
+        P = s.mean(1).detach() if detach else s.mean(1)
+        return alpha * (counts * E / (idx.shape[-1] * T) * P).sum(-1).mean()
+    return loss
+
+
+def _accept(prefix=True, bonus=True):
+    def accept_greedy(draft, verified):
+        agree = (draft == verified[:len(draft)]).long()
+        n = int(agree.cumprod(0).sum() if prefix else agree.sum())
+        return verified[:n + 1] if bonus else draft[:n]
+    return accept_greedy
+
+
+def _top_p_strict(logits, p):
+    sorted_p, order = logits.softmax(-1).sort(-1, descending=True)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, sorted_p.cumsum(-1) <= p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _ramp(clamp=True, reverse=False, guard=True):
+    def yarn_ramp(low, high, n):
+        high = high + 0.001 if guard and low == high else high
+        r = (torch.arange(n, dtype=torch.float64) - low) / (high - low)
+        r = r.clamp(0, 1) if clamp else r
+        return 1 - r if reverse else r
+    return yarn_ramp
+
+
+def _yarn(blend):
+    def yarn_inv_freq(inv, s, low, high):
+        r = _ramp()(low, high, len(inv))
+        return blend(inv, s, r)
+    return yarn_inv_freq
+
+
+def _scale(squared=True, always=False):
+    def softmax_scale(nope, rope, factor, msc, max_len, orig):
+        m = 0.1 * msc * math.log(factor) + 1 if factor > 1 else 1.0
+        use = always or max_len > orig
+        return (nope + rope) ** -0.5 * ((m * m if squared else m) if use else 1.0)
+    return softmax_scale
+
+
+def _compress(norm=True, rope=True, swap=False):
+    def compress_kv(h, w, norm_w, freqs, d_c, eps):
+        d_r = w.shape[0] - d_c
+        out = h @ w.T
+        if swap:  # believes the RoPE key comes first
+            pe, c = out.split([d_r, d_c], -1)
+        else:
+            c, pe = out.split([d_c, d_r], -1)
+        c = _rms(c, norm_w, eps) if norm else c
+        pe = apply_rotary_emb(pe.unsqueeze(2), freqs).squeeze(2) if rope else pe
+        return c, pe
+    return compress_kv
+
+
+def _scores(scale_it=True, rope=True, layout="b h t s"):
+    def absorbed_scores(q, q_pe, c, k_pe, w_uk, scale):
+        s = einsum(einsum(q, w_uk, "b t h d, h d c -> b t h c"), c, f"b t h c, b s c -> {layout}")
+        if rope:
+            s = s + einsum(q_pe, k_pe, f"b t h r, b s r -> {layout}")
+        return s * scale if scale_it else s
+    return absorbed_scores
+
+
+def _cache(rope=True, bytes_=True, raises=True):
+    def cache_bytes_per_token(cfg, mode, b=2):
+        if mode == "absorbed":
+            n = cfg.kv_lora_rank + (cfg.qk_rope_head_dim if rope else 0)
+        elif mode == "naive" or not raises:
+            n = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+        else:
+            raise ValueError(mode)
+        return n * b if bytes_ else n
+    return cache_bytes_per_token
+
+
+def _mtp_inputs(ahead_shift=0, targets_from_tokens=False, h_tail=False):
+    def mtp_inputs(tokens, targets, h_prev, k):
+        T = tokens.shape[1]
+        ahead = tokens[:, k - ahead_shift:T - ahead_shift]
+        h = h_prev[:, 1:] if h_tail else h_prev[:, :T - k]
+        return h, ahead, (tokens if targets_from_tokens else targets)[:, k:]
+    return mtp_inputs
+
+
+def _mtp_combine(order="eh", norm=True):
+    def mtp_combine(h, e, ew, hw, W, eps):
+        e, h = (_rms(e, ew, eps), _rms(h, hw, eps)) if norm else (e, h)
+        return torch.cat([e, h] if order == "eh" else [h, e], -1) @ W.T
+    return mtp_combine
+
+
+MISTAKES = [
+    ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d // 2, dtype=torch.float64) / d),
+     "uses i/dim"),
+    ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d, dtype=torch.float64) / d),
+     "one frequency per pair"),
+    ("rotate_interleaved", _halves, "GPT-NeoX"),
+    ("rotate_interleaved", lambda x, a: apply_rotary_emb(x, torch.polar(torch.ones_like(a), -a)),
+     "direction flipped"),
+    ("yarn_ramp", _ramp(clamp=False), "clamp the ramp"),
+    ("yarn_ramp", _ramp(reverse=True), "ramp reversed"),
+    ("yarn_ramp", _ramp(guard=False), "divides by zero"),
+    ("yarn_inv_freq", _yarn(lambda inv, s, r: inv / s * (1 - r) + inv * r), "wrong end"),
+    ("yarn_inv_freq", _yarn(lambda inv, s, r: inv / s), "plain position interpolation"),
+    ("softmax_scale", _scale(squared=False), "mscale once"),
+    ("softmax_scale", _scale(always=True), "not extended"),
+    ("compress_kv", _compress(norm=False), "not normalised"),
+    ("compress_kv", _compress(rope=False), "not rotated"),
+    ("compress_kv", _compress(swap=True), "split order"),
+    ("expand_kv", lambda c, w, H, dh, dv: tuple(
+        rearrange(t, "b s (h d) -> b s h d", h=H) for t in (c @ w.T).split([H * dh, H * dv], -1)),
+     "across all heads first"),
+    ("absorbed_scores", _scores(scale_it=False), "forgot to multiply by scale"),
+    ("absorbed_scores", _scores(rope=False), "RoPE part"),
+    ("absorbed_scores", _scores(layout="b t h s"), "two axes swapped"),
+    ("cache_bytes_per_token", _cache(rope=False), "decoupled RoPE key"),
+    ("cache_bytes_per_token", _cache(bytes_=False), "not bytes"),
+    ("cache_bytes_per_token", _cache(raises=False), "raise ValueError"),
+    ("swiglu_expert", lambda x, g, u, d: ((x @ g.T) * F.silu(x @ u.T)) @ d.T, "up projection"),
+    ("swiglu_expert", lambda x, g, u, d: (F.relu(x @ g.T) * (x @ u.T)) @ d.T, "ReLU"),
+    ("group_limited_topk", lambda b, g, kg, k: _topk(b, g, kg, k, lambda x: x.amax(-1)),
+     "maximum of each group"),
+    ("group_limited_topk", lambda b, g, kg, k: b.topk(k, -1).indices, "no group limit"),
+    ("gate", _gate(weights_from="biased"), "bias leaked into the weights"),
+    ("gate", _gate(normalise=False), "not normalised"),
+    ("gate", _gate(scaled=False), "forgot to multiply by scale"),
+    ("gate", _gate(select_bias=False), "ignores the bias"),
+    ("moe_combine", _combine(shared=False), "shared expert is missing"),
+    ("moe_combine", _combine(residual=True), "residual"),
+    ("expert_load", lambda idx, n: torch.bincount(idx.flatten()).float(), "must count 0"),
+    ("expert_load", lambda idx, n: (c := torch.bincount(idx.flatten(), minlength=n).float())
+     / c.sum(), "fractions"),
+    ("update_bias", lambda b, load, g: b + g * torch.sign(load - load.mean()), "sign flipped"),
+    ("update_bias", lambda b, load, g: b + g * (load.mean() - load), "only the sign"),
+    ("max_violation", lambda load: (load.amax(-1) - load.amin(-1)) / load.mean(-1),
+     "(max - min)"),
+    ("max_violation", lambda load: (load.max() - load.mean()) / load.mean(), "one value per row"),
+    ("sequence_balance_loss", _balance(normalise=False), "normalise them"),
+    ("sequence_balance_loss", _balance(pooled=True), "whole batch as one sequence"),
+    ("sequence_balance_loss", _balance(detach=True), "no gradient"),
+    ("mtp_inputs", _mtp_inputs(ahead_shift=1), "off by one position"),
+    ("mtp_inputs", _mtp_inputs(targets_from_tokens=True), "very tokens you embed"),
+    ("mtp_inputs", _mtp_inputs(h_tail=True), "last T - k positions"),
+    ("mtp_combine", _mtp_combine(order="he"), "embedding comes first"),
+    ("mtp_combine", _mtp_combine(norm=False), "RMSNorm missing"),
+    ("mtp_loss", lambda ce, lam: lam * torch.stack(ce).sum(), "divide by D"),
+    ("mtp_loss", lambda ce, lam: lam / len(ce) * sum(c.item() for c in ce), "no gradient"),
+    ("accept_greedy", _accept(prefix=False), "after the first disagreement"),
+    ("accept_greedy", _accept(bonus=False), "main model's own token"),
+    ("top_p_filter", _top_p_strict, "crosses p"),
+    ("expected_tokens_per_step", lambda a, d: 1 + d * a, "independently"),
+]
+
+
+@pytest.mark.parametrize("name, wrong, words", MISTAKES,
+                         ids=[f"{n}-{w}" for n, _, w in MISTAKES])
+def test_planted_mistake_gets_a_specific_verdict(name, wrong, words):
+    verdict = run_check(name, wrong)
+    assert verdict.status == "fail"
+    assert words in verdict.message, verdict.message
+
+
+# ---------------------------------------------------------------------------------
+# The grader
+# ---------------------------------------------------------------------------------
+def test_grader_gives_full_marks_to_the_solutions(tmp_path, capsys):
+    assert cli(["grade", str(ex_build.EXERCISES / "solutions"), "--timeout", "120",
+                "--csv", str(tmp_path / "marks.csv")]) == 0
+    with open(tmp_path / "marks.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(TASKS)
+    assert all(r["result"] == "pass" for r in rows), [r for r in rows if r["result"] != "pass"]
+    assert {r["task"] for r in rows} == set(TASKS)
+    out = capsys.readouterr().out
+    assert "01_rope_yarn_solution.ipynb: 5/5 tasks passed" in out
+
+
+def test_grader_survives_crashing_and_deleting_notebooks(tmp_path, capsys):
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "minidsv3": {"exercise_set": "05_mtp"}}
+    good = "import torch\ndef mtp_loss(ce, lam):\n    return lam / len(ce) * torch.stack(ce).sum()"
+    write_nb(tmp_path / "a_raises.ipynb", [good, "raise RuntimeError('boom')"], meta)
+    write_nb(tmp_path / "b_dies.ipynb", ["import os\nos._exit(1)"], meta)
+    write_nb(tmp_path / "c_deletes.ipynb", [
+        "import os\nfor name in os.listdir('.'):\n    os.remove(name)", good], meta)
+    (tmp_path / "data.txt").write_text("the instructor's file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    assert ex_grade.main([tmp_path], tmp_path / "marks.csv", timeout=120) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "marks.csv") == before
+    with open(tmp_path / "marks.csv", newline="") as f:
+        rows = {(r["file"].split("/")[-1], r["task"]): (r["result"], r["message"])
+                for r in csv.DictReader(f)}
+    assert rows["a_raises.ipynb", "(notebook)"] == ("fail", "cell 2 raised RuntimeError: boom")
+    assert rows["a_raises.ipynb", "mtp_loss"][0] == "pass"  # the other cells still count
+    assert "not defined" in rows["a_raises.ipynb", "mtp_inputs"][1]
+    assert "kernel died in cell 1" in rows["b_dies.ipynb", "(notebook)"][1]
+    assert rows["b_dies.ipynb", "mtp_loss"][1].startswith("not graded: the kernel died")
+    assert "deleted 4 file(s)" in rows["c_deletes.ipynb", "(files)"][1]
+    assert rows["c_deletes.ipynb", "mtp_loss"][0] == "pass"
+    assert all(result == "fail" for (file, task), (result, _) in rows.items()
+               if task != "mtp_loss" or file == "b_dies.ipynb")
+    assert len(rows) == 3 * 3 + 3  # three tasks each, plus one problem row per notebook
+    assert "a_raises.ipynb: 1/3 tasks passed" in capsys.readouterr().out
+
+
+def test_grader_stops_a_hanging_notebook(tmp_path):
+    meta = {"minidsv3": {"exercise_set": "07_speculative"}}
+    write_nb(tmp_path / "hangs.ipynb", ["x = 1", "while True:\n    pass", "y = 2"], meta)
+    rows = ex_grade.grade_notebook(tmp_path / "hangs.ipynb", timeout=3)
+    assert [(r.task, r.result) for r in rows] == [("(notebook)", "fail")] + [
+        (name, "fail") for name in tasks_of("07_speculative")]
+    assert rows[0].message == "the notebook timed out after 3 s (cell 2 was still running)"
+    assert rows[1].message == "not graded: " + rows[0].message
