@@ -216,13 +216,16 @@ def _known(kind: type, d: dict[str, Any]) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     # The released DeepSeek-V3 (every default above is its value).
     "deepseek-v3": {},
-    # Trains on Shakespeare characters on a laptop CPU; same structure at small width.
+    # Trains on Shakespeare characters on a laptop CPU (`make train`); same structure at
+    # small width. As in the release, the dense FFN is as wide as one token's experts
+    # (288 = 96 x (1 shared + 2 routed)). qk_nope + qk_rope = v_head_dim lets CPU attention
+    # use its fused kernel. The init std is GPT-2's 0.02: the report's 0.006 is for d = 7168.
     "toy": dict(
-        vocab_size=128, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
+        vocab_size=128, hidden_size=128, intermediate_size=288, moe_intermediate_size=96,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
-        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
         n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-        max_position_embeddings=256, rope_scaling=None,
+        max_position_embeddings=256, rope_scaling=None, initializer_range=0.02,
     ),
     # Smallest sensible model, for unit tests (milliseconds per forward).
     "tiny": dict(

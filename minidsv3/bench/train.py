@@ -1,0 +1,147 @@
+"""Training throughput on this machine: ``python -m minidsv3.bench train``.
+
+Prints, from one run:
+
+1. the fp32 matmul peak of this machine: the best FLOP/s of large square matmuls;
+2. tokens/s of the toy MoE and of its *dense twin* -- the same code and config with
+   ``first_k_dense_replace = num_hidden_layers``, so every main block uses a dense
+   SwiGLU of ``intermediate_size``. The toy preset sets ``intermediate_size =
+   moe_intermediate_size x (n_shared_experts + num_experts_per_tok)``, as the released
+   model does (18432 = 9 x 2048), so both do the same matmul work per token (the
+   MTP block is a MoE block in both);
+3. achieved FLOP/s = tokens/s x (6 N_active + attention) per token
+   (``scale.flops_per_token``), as a share of the measured peak;
+4. seconds per step split into forward, backward, optimizer (clip + AdamW) and the
+   routing-bias update.
+
+Inputs are random token ids (routing stays near balanced); the medians of the timed
+steps are reported, so one slow step on a shared machine does not skew them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..model import DeepSeekV3, set_seed
+from ..scale import flops_per_token
+from ..train import param_groups
+
+PHASES = ("forward", "backward", "optimizer", "bias update")
+
+
+def matmul_peak(seconds: float = 1.0) -> tuple[float, int]:
+    """Best fp32 FLOP/s over a few square sizes, and the size that reached it."""
+    best, best_n = 0.0, 0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b  # warm-up: allocation and thread start
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            runs += 1
+        flops = 2 * n**3 * runs / (time.perf_counter() - start)
+        if flops > best:
+            best, best_n = flops, n
+    return best, best_n
+
+
+@dataclass
+class StepTimes:
+    phases: dict[str, float]  # median seconds per phase
+
+    @property
+    def step(self) -> float:
+        return sum(self.phases.values())
+
+
+def time_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int
+                  ) -> StepTimes:
+    """Median seconds of each phase of a training step on random tokens."""
+    set_seed(0)
+    model = DeepSeekV3(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    y = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    samples: dict[str, list[float]] = {p: [] for p in PHASES}
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        out = model(x, y)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        t3 = time.perf_counter()
+        for moe in model.moe_layers():
+            moe.update_bias(0.001)
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                samples[phase].append(seconds)
+    return StepTimes({p: statistics.median(s) for p, s in samples.items()})
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """Every main block dense; refuses configs whose dense FFN is not the activated width."""
+    active = cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
+    if cfg.intermediate_size != active:
+        raise ValueError(f"intermediate_size={cfg.intermediate_size} differs from the activated "
+                         f"expert width {active}; pass intermediate_size={active} to compare "
+                         "equal work")
+    return cfg.replace(first_k_dense_replace=cfg.num_hidden_layers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m minidsv3.bench train",
+        description="Tokens/s of the toy MoE vs its dense twin, FLOP/s vs this machine's "
+                    "fp32 matmul peak, and the time of each phase of a step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="toy")
+    parser.add_argument("--vocab-size", type=int, default=84,
+                        help="the Shakespeare character vocabulary")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peak, n = matmul_peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print(f"matmul peak: {peak / 1e9:,.1f} GFLOP/s ({n}x{n} @ {n}x{n})")
+    print(f"batch {args.batch_size} x {args.seq_len} tokens; medians of {args.steps} steps "
+          f"after {args.warmup} warm-up steps; random token ids\n")
+
+    moe = ModelConfig.preset(args.preset, vocab_size=args.vocab_size)
+    rows = [("toy MoE", moe), ("dense twin", dense_twin(moe))]
+    header = (f"{'model':<11}{'params':>10}{'active':>10}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
+              + "".join(f"{p + ' ms':>15}" for p in PHASES) + f"{'step ms':>9}")
+    print(header)
+    steps = {}
+    for name, cfg in rows:
+        times = time_training(cfg, args.batch_size, args.seq_len, args.steps, args.warmup)
+        steps[name] = times.step
+        tokens_per_s = args.batch_size * args.seq_len / times.step
+        flops = tokens_per_s * flops_per_token(cfg, args.seq_len).training
+        n_params = sum(p.numel() for p in DeepSeekV3(cfg).parameters())
+        active = flops_per_token(cfg, args.seq_len).matmul / 2  # matmul weights per token
+        print(f"{name:<11}{n_params:>10,}{active:>10,.0f}{tokens_per_s:>9,.0f}"
+              f"{flops / 1e9:>9.1f}{100 * flops / peak:>7.1f}%"
+              + "".join(f"{1e3 * s:>15.1f}" for s in times.phases.values())
+              + f"{1e3 * times.step:>9.1f}")
+    ratio = steps["toy MoE"] / steps["dense twin"]
+    print(f"\nMoE step time / dense twin step time: {ratio:.2f}x (aim: <= 1.5x)")
+    print("FLOPs per token: 6 x activated matmul weights (MTP block and second head pass "
+          "included) + 3 x causal attention (scale.flops_per_token)")
+    return 0

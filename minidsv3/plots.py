@@ -1,0 +1,126 @@
+"""Pictures of a training run, drawn from its ``metrics.jsonl``.
+
+* ``loss.png``        -- training loss (CE + MTP + balance) and validation CE over steps;
+* ``maxvio.png``      -- MaxVio (max load / mean load - 1) over steps: per training step,
+                         and at evaluations per validation batch and over the whole split;
+* ``expert_load.png`` -- heatmap of each MoE layer's expert loads on the validation
+                         set at the last evaluation, as a multiple of the mean load;
+* ``bias.png``        -- every routing bias b_i over steps, one panel per MoE layer.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so saving them works
+without a display and does not touch a notebook's backend; notebooks can show the
+returned figures directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, in order."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[Any]]:
+    """(steps, values) of the records that have ``key``."""
+    rows = [(r["step"], r[key]) for r in records if key in r]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def loss_figure(records: list[dict[str, Any]]) -> Figure:
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(*_series(records, "loss"), label="train loss (CE + MTP + balance)", alpha=0.7)
+    ax.plot(*_series(records, "ce"), label="train CE", alpha=0.7)
+    steps, val = _series(records, "val_loss")
+    ax.plot(steps, val, "o-", label="validation CE")
+    if val:
+        ax.annotate(f"{val[-1]:.3f}", (steps[-1], val[-1]), textcoords="offset points",
+                    xytext=(0, 8), ha="center")
+    ax.set(xlabel="step", ylabel="nats per character", title="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def maxvio_figure(records: list[dict[str, Any]]) -> Figure:
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(*_series(records, "maxvio_train"), label="training step (all MoE layers)", alpha=0.5)
+    ax.plot(*_series(records, "maxvio_batch"), "o-", label="validation, per batch")
+    ax.plot(*_series(records, "maxvio_global"), "s-", label="validation, whole split")
+    ax.set(xlabel="step", ylabel="MaxVio (mean over layers)", title="load imbalance (0 = even)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def load_heatmap_figure(records: list[dict[str, Any]], layer_names: list[str] | None = None
+                        ) -> Figure:
+    """Loads of the last evaluation, divided by the mean load of their layer."""
+    steps, loads = _series(records, "val_load")
+    if not loads:
+        raise ValueError("no evaluation with expert loads in these records (a dense model?)")
+    rows = [[v * len(layer) / sum(layer) for v in layer] for layer in loads[-1]]
+    names = (layer_names or [f"MoE layer {i}" for i in range(len(rows))])[: len(rows)]
+    fig = Figure(figsize=(1.2 + 0.5 * len(rows[0]), 1.2 + 0.5 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(rows, cmap="coolwarm", vmin=0, vmax=2, aspect="auto")
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set(xlabel="routed expert", yticks=range(len(rows)), yticklabels=names,
+           title=f"expert load / mean load (validation, step {steps[-1]})")
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def bias_figure(records: list[dict[str, Any]], layer_names: list[str] | None = None) -> Figure:
+    steps, biases = _series(records, "bias")  # biases[t][layer][expert]
+    if not biases:
+        raise ValueError("no routing biases in these records (a dense model?)")
+    n_layers = len(biases[0])
+    names = layer_names or [f"MoE layer {i}" for i in range(n_layers)]
+    fig = Figure(figsize=(7, 2.2 * n_layers), layout="constrained")
+    axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
+    for layer, ax in enumerate(axes):
+        for expert in range(len(biases[0][layer])):
+            ax.plot(steps, [b[layer][expert] for b in biases], lw=1)
+        ax.set(ylabel="bias b_i", title=names[layer])
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def moe_layer_names(run_dir: str | Path) -> list[str] | None:
+    """'layer i' for each MoE block (main, then MTP) from the run's config.json, if present."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    main = [f"layer {i}" for i in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"])]
+    return main + [f"MTP {k + 1}" for k in range(cfg["num_nextn_predict_layers"])]
+
+
+def save_plots(run_dir: str | Path) -> list[Path]:
+    """Draw every plot the run's records allow into ``run_dir``; returns the PNG paths."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    names = moe_layer_names(run_dir)
+    figures = {"loss.png": loss_figure(records)}
+    if any("bias" in r for r in records):  # a model with MoE layers
+        figures["maxvio.png"] = maxvio_figure(records)
+        figures["bias.png"] = bias_figure(records, names)
+    if any("val_load" in r for r in records):
+        figures["expert_load.png"] = load_heatmap_figure(records, names)
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(run_dir / name, dpi=110)
+        paths.append(run_dir / name)
+    return paths

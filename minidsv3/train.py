@@ -1,0 +1,555 @@
+"""Train a DeepSeek-V3-architecture model from the command line: ``python -m minidsv3.train``.
+
+The recipe is the V3 report's (sec. 4.2), scaled down to a laptop:
+
+* loss = CE + L_MTP + L_Bal (model.py): next-token cross-entropy, lambda-weighted
+  multi-token prediction, and the tiny sequence-wise balance loss;
+* AdamW with beta = (0.9, 0.95) and weight decay 0.1 on weight matrices only (norm
+  weights are not decayed; the routing bias is a buffer, so the optimizer never sees
+  it); gradients clipped to norm 1.0; linear warm-up, then cosine decay to 10 %;
+* auxiliary-loss-free balancing: after every optimizer step each MoE layer's bias
+  moves by gamma * sign(mean load - load_i), from the loads of the whole step (all
+  micro-batches of the gradient accumulation, all data-parallel ranks).
+
+Data parallel: ``torchrun --nproc_per_node N -m minidsv3.train ...``. Every rank
+draws the *global* batch from the same generator and keeps its own slice, so N
+processes see exactly the batch one process would; gradients and expert loads are
+summed across ranks (all-reduce) before the optimizer step and the bias update, so
+weights and biases stay identical everywhere.
+
+Everything a run writes lives in ``--out`` (default ``runs/toy``): the checkpoint
+(checkpoint.py), ``metrics.jsonl``, ``samples.txt`` and PNG plots (plots.py). A
+checkpoint holds the step, optimizer, scheduler and data-generator state, so
+``--resume`` continues a killed run with exactly the losses it would have had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import PRESETS, ModelConfig
+from .data import (
+    CharTokenizer,
+    CorpusDownloadError,
+    get_batch,
+    iterate_eval_batches,
+    load_corpus,
+    prepare_corpus,
+    split_train_val,
+)
+from .generate import generate
+from .model import DeepSeekV3, set_seed
+from .moe import max_violation
+from .mtp import cross_entropy
+from .plots import save_plots
+
+# Coefficient of the classic expert-level balance loss for ``--balance aux-loss``: the
+# loss-controlled baseline of Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing",
+# arXiv 2408.15664), whose experiments show larger values trading perplexity for balance.
+AUX_LOSS_ALPHA = 0.001
+# Speaker names as the corpus writes them ("NAME." on its own line, then the speech).
+SAMPLE_PROMPTS = ("KING HENRY.\n", "PORTIA.\n", "OTHELLO.\n", "ROMEO.\n")
+# Loss coefficients have their own flags, which know about --balance.
+LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-alpha",
+              "mtp_loss_lambda": "--mtp-lambda"}
+# Options that may differ when resuming: they change where or how fast, never what.
+RESUME_FREE = ("resume", "out", "device", "compile", "threads")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------- command line
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except empty ones (None, False, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minidsv3.train",
+        description="Train a toy DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, "
+                    "MTP) on Shakespeare. The defaults are `make train`. Extra KEY=VALUE "
+                    "arguments override ModelConfig fields.",
+        epilog="Data parallel: torchrun --nproc_per_node N -m minidsv3.train [options]",
+        formatter_class=_HelpFormatter)
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override a ModelConfig field, e.g. hidden_size=96 n_routed_experts=16")
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="model size")
+    p.add_argument("--out", default="runs/toy", help="run directory for everything written")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per optimizer step, over all micro-batches and ranks")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens (characters) per sequence")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine decays to this fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--balance", choices=("aux-free", "aux-loss", "none"), default="aux-free",
+                   help="aux-free: bias update (V3); aux-loss: expert-level balance loss with "
+                        "--aux-alpha, no bias; none: raw scores, no balancing")
+    p.add_argument("--bias-gamma", type=float, default=0.001, help="bias update speed gamma")
+    p.add_argument("--aux-alpha", type=float, default=AUX_LOSS_ALPHA,
+                   help="expert-level balance-loss coefficient for --balance aux-loss")
+    p.add_argument("--seq-alpha", type=float, default=None,
+                   help="sequence-wise balance-loss alpha (default: the preset's 0.0001 with "
+                        "aux-free, 0 otherwise)")
+    p.add_argument("--mtp-lambda", type=float, default=None,
+                   help="MTP loss weight lambda (default: the preset's, 0.3)")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the weights and the batches")
+    p.add_argument("--eval-every", type=int, default=300, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=int, default=10,
+                   help="validation batches per evaluation (the last one uses the whole split)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
+    p.add_argument("--ckpt-every", type=int, default=300, help="steps between checkpoints")
+    p.add_argument("--text", metavar="FILE",
+                   help="train on this UTF-8 text instead of Shakespeare (no network needed)")
+    p.add_argument("--data-dir", default="data", help="where prepared corpora live")
+    p.add_argument("--sample-chars", type=int, default=300, help="characters per sample")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: one per core); on a machine busy with "
+                        "other work, 1 is often much faster")
+    return p
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world: int) -> None:
+    """Refuse values that would fail later or silently do something else."""
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
+                 "log_every", "ckpt_every", "sample_chars", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1 or args.weight_decay < 0:
+        parser.error("need --warmup >= 0, 0 <= --min-lr-ratio <= 1 and --weight-decay >= 0")
+    if args.batch_size % (args.grad_accum * world):
+        parser.error(f"--batch-size {args.batch_size} must be divisible by --grad-accum "
+                     f"{args.grad_accum} x {world} process(es)")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["hidden_size=96", ...]`` -> ``{"hidden_size": 96}``, typed like the ModelConfig field."""
+    hints = typing.get_type_hints(ModelConfig)
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{pair!r} is not an option or a KEY=VALUE config override")
+        if key not in hints:
+            raise ValueError(f"unknown config field {key!r} in {pair!r}; valid fields: "
+                             f"{', '.join(sorted(hints))}")
+        overrides[key] = _parse_value(key, raw, hints[key])
+    return overrides
+
+
+def _parse_value(key: str, raw: str, kind: Any) -> Any:
+    word = raw.strip().lower()
+    if kind is bool:
+        if word in ("true", "1", "yes", "false", "0", "no"):
+            return word in ("true", "1", "yes")
+        raise ValueError(f"{key}={raw!r}: expected true or false")
+    if kind in (int, float, str):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{key}={raw!r}: expected {kind.__name__}") from None
+    # rope_scaling (RopeScaling | None): 'none', or a JSON object of YaRN fields
+    if word in ("none", "null"):
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}={raw!r}: expected none or a JSON object such as "
+                         '\'{"factor": 4, "original_max_position_embeddings": 128}\'')
+    return value
+
+
+def make_config(args: argparse.Namespace, tokenizer: CharTokenizer) -> ModelConfig:
+    """Preset + KEY=VALUE overrides + the flags for the loss coefficients."""
+    overrides = parse_overrides(args.overrides)
+    if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+        raise ValueError(f"vocab_size comes from the tokenizer ({tokenizer.vocab_size} "
+                         "characters); do not override it")
+    overrides["vocab_size"] = tokenizer.vocab_size
+    for field, flag in LOSS_FLAGS.items():
+        if field in overrides:
+            raise ValueError(f"set {field} with {flag}, not as a KEY=VALUE override")
+    default_seq_alpha = ModelConfig.preset(args.preset).aux_loss_alpha
+    overrides["aux_loss_alpha"] = (args.seq_alpha if args.seq_alpha is not None
+                                   else default_seq_alpha if args.balance == "aux-free" else 0.0)
+    overrides["expert_aux_loss_alpha"] = args.aux_alpha if args.balance == "aux-loss" else 0.0
+    if args.mtp_lambda is not None:
+        overrides["mtp_loss_lambda"] = args.mtp_lambda
+    cfg = ModelConfig.preset(args.preset, **overrides)
+    if not cfg.num_nextn_predict_layers < args.seq_len <= cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} must be in ({cfg.num_nextn_predict_layers}, "
+                         f"max_position_embeddings={cfg.max_position_embeddings}]")
+    return cfg
+
+
+def adopt_saved_args(args, saved: dict[str, Any], parser) -> argparse.Namespace:
+    """--resume continues the saved run: options given now must agree with it."""
+    for key, value in saved.items():
+        if key in RESUME_FREE or not hasattr(args, key):
+            continue
+        given = getattr(args, key)
+        if given != value and given != parser.get_default(key):
+            parser.error(f"--{key.replace('_', '-')}={given} differs from the resumed run's "
+                         f"{value}; --resume continues a run unchanged (use a new --out to "
+                         "change settings)")
+        setattr(args, key, value)
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda, else mps, else cpu; an explicit choice must be available."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(kind for kind, ok in available.items() if ok)
+    elif not available[name]:
+        raise ValueError(f"--device {name} is not available on this machine; use --device auto")
+    if name == "cuda":  # one GPU per process under torchrun
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- optimisation
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices (and the embedding); never norm weights or other vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    """Average tensors over ranks in place, with one collective for all of them."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
+def train_step(model, forward, optimizer, scheduler, batches, args, world,
+               autocast=None) -> dict[str, Any]:
+    """One optimizer step over ``batches`` (this rank's micro-batches); returns its numbers."""
+    parts = []
+    for x, y in batches:
+        with autocast or nullcontext():
+            out = forward(x, y)
+        (out.loss / len(batches)).backward()
+        parts.append(torch.stack([out.loss, out.ce, out.mtp, out.balance]).detach().float())
+    losses = torch.stack(parts).mean(0)  # (4,) loss, ce, mtp, balance
+    moes = model.moe_layers()
+    # (L, E) tokens per expert over the whole step: sums over micro-batches and ranks.
+    loads = torch.stack([m.expert_load for m in moes]) if moes else torch.zeros(0, 0)
+    if world > 1:
+        all_reduce_mean([p.grad for p in model.parameters()] + [losses], world)
+        if moes:
+            dist.all_reduce(loads)
+    if not all(math.isfinite(v) for v in losses.tolist()):
+        raise NonFiniteLoss(f"loss is {losses[0].item()}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # keep zero grads: see run()
+    scheduler.step()
+    for moe, load in zip(moes, loads):
+        if args.balance == "aux-free":
+            moe.update_bias(args.bias_gamma, load)  # b += gamma * sign(mean - load); resets
+        else:
+            moe.expert_load.zero_()
+    loss, ce, mtp, balance = losses.tolist()
+    return {"loss": loss, "ce": ce, "mtp": mtp, "balance": balance, "lr": lr,
+            "grad_norm": grad_norm.item(), "loads": loads.cpu()}
+
+
+@torch.no_grad()
+def evaluate(model: DeepSeekV3, val_ids: torch.Tensor, batch_size: int, seq_len: int,
+             max_batches: int | None, device: torch.device, autocast) -> dict[str, Any]:
+    """Validation CE of the main head (comparable across runs) and MaxVio per MoE layer.
+
+    MaxVio_batch is the mean over evaluation batches of each batch's MaxVio; MaxVio_global
+    is the MaxVio of the loads summed over all of them. Only the main layers route here
+    (the MTP module needs targets), so the per-layer lists cover the main MoE layers.
+    """
+    model.eval()
+    total, count, batch_vio, global_load = 0.0, 0, [], 0
+    for x, y in iterate_eval_batches(val_ids, batch_size, seq_len, max_batches):
+        with autocast:
+            out = model(x.to(device))
+        total += cross_entropy(out.logits, y.to(device)).item() * y.numel()
+        count += y.numel()
+        if out.router:
+            loads = torch.stack([s.load for s in out.router]).cpu()  # (L, E)
+            batch_vio.append(max_violation(loads))  # (L,)
+            global_load = global_load + loads
+    model.train()
+    record: dict[str, Any] = {"val_loss": total / count}
+    if batch_vio:
+        per_batch, per_global = torch.stack(batch_vio).mean(0), max_violation(global_load)
+        record.update(maxvio_batch=per_batch.mean().item(), maxvio_global=per_global.mean().item(),
+                      maxvio_batch_per_layer=per_batch.tolist(),
+                      maxvio_global_per_layer=per_global.tolist(), val_load=global_load.tolist())
+    return record
+
+
+def write_samples(model: DeepSeekV3, tokenizer: CharTokenizer, path: Path, n_chars: int,
+                  seed: int) -> str:
+    """Continue a few prompts (those the vocabulary can spell) and save the text."""
+    prompts = [p for p in SAMPLE_PROMPTS if set(p) <= set(tokenizer.vocab)] or ["\n"]
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        room = model.cfg.max_position_embeddings - len(ids)
+        new = generate(model, ids, min(n_chars, room), temperature=0.8, top_k=None,
+                       seed=seed + i).tokens
+        texts.append(prompt + tokenizer.decode(new))
+    text = "\n\n----------\n\n".join(texts) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------- metrics file
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_records(path: Path, last_step: int) -> None:
+    """Drop records written after the checkpoint we resume from (the run redoes them)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+        path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the run
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit status 0 on success, 1 when the loss diverged."""
+    try:
+        train(argv)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train(argv: list[str] | None = None) -> DeepSeekV3:
+    """Parse ``argv`` like the command line, train, and return the trained model.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; the process group
+    lives exactly as long as the call.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL talks to the current device
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        return run(args, parser, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3:
+    out = Path(args.out)
+    if args.resume:
+        if not checkpoint.has_checkpoint(out):
+            parser.error(f"--resume: {out} holds no checkpoint to resume from")
+        state = checkpoint.load_state(out)
+        args = adopt_saved_args(args, state["args"], parser)
+    elif out.exists() and any(out.iterdir()):
+        parser.error(f"--out {out} already exists; add --resume to continue that run, or "
+                     "choose another --out")
+    check_args(args, parser, world)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if world > 1:
+        dist.barrier()  # every rank has checked --out before rank 0 creates it
+
+    # Rank 0 prepares the corpus (maybe downloading it) before the others read it.
+    try:
+        if rank == 0:
+            corpus = prepare_corpus(args.text, args.data_dir)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            corpus = prepare_corpus(args.text, args.data_dir, verbose=False)
+    except (CorpusDownloadError, FileNotFoundError) as err:
+        parser.error(str(err))
+    text, tokenizer = load_corpus(corpus)
+    train_ids, val_ids = split_train_val(tokenizer.encode(text))
+
+    if args.resume:
+        cfg = ModelConfig.from_json(out / "config.json")
+        if checkpoint.load_tokenizer(out) != tokenizer:
+            parser.error(f"the corpus {corpus} has a different vocabulary from the run in {out}")
+    else:
+        try:
+            cfg = make_config(args, tokenizer)
+        except ValueError as err:
+            parser.error(str(err))
+
+    set_seed(args.seed)  # same initial weights on every rank
+    model = DeepSeekV3(cfg).to(device)
+    # Zero (not None) gradients for every parameter, kept between steps: an expert that
+    # received no token still gets an AdamW update from zero gradients, whatever the
+    # number of ranks, so 1 and N processes (and a resumed run) do the same arithmetic.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.min_lr_ratio))
+    data_rng = torch.Generator().manual_seed(args.seed)  # the data position
+    metrics = out / "metrics.jsonl"
+    step = 0
+    if args.resume:
+        checkpoint.load_weights(model, out)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_rng.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        if rank == 0:
+            truncate_records(metrics, step)
+
+    def save() -> None:
+        if rank == 0:
+            checkpoint.save_checkpoint(out, model, tokenizer, {
+                "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
+                "torch_rng": torch.get_rng_state(), "args": vars(args)})
+
+    if not args.resume:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        save()  # step 0: from now on --resume always has something to start from
+
+    forward = torch.compile(model) if args.compile else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else nullcontext())
+    micro = args.batch_size // args.grad_accum  # sequences per micro-batch, all ranks
+    mine = slice(rank * micro // world, (rank + 1) * micro // world)  # this rank's rows
+    tokens_per_step = args.batch_size * args.seq_len
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params:,} parameters on {device} ({world} process(es)); {len(train_ids):,} "
+              f"training / {len(val_ids):,} validation characters; writing to {out}")
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, unit="step",
+               dynamic_ncols=True)
+    started = tick = time.perf_counter()
+    tick_step = last_ckpt = step
+
+    try:
+        while step < args.steps:
+            batches = []
+            for _ in range(args.grad_accum):
+                x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # global micro-batch
+                batches.append((x[mine].to(device), y[mine].to(device)))
+            result = train_step(model, forward, optimizer, scheduler, batches, args, world,
+                                autocast)
+            step += 1
+            record: dict[str, Any] = {}
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.perf_counter()
+                loads = result.pop("loads")
+                record.update(step=step, **result,
+                              tokens_per_s=tokens_per_step * (step - tick_step) / (now - tick),
+                              elapsed_s=now - started)
+                if loads.numel():
+                    record.update(maxvio_train=max_violation(loads).mean().item(),
+                                  bias=[m.gate.e_score_correction_bias.tolist()
+                                        for m in model.moe_layers()])
+                tick, tick_step = now, step
+                bar.set_postfix(loss=f"{result['loss']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}")
+            bar.update(step - bar.n)
+            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+                last = step == args.steps  # the final evaluation reads the whole split
+                ev = evaluate(model, val_ids, args.batch_size, args.seq_len,
+                              None if last else args.eval_batches, device, autocast)
+                record.update(step=step, **ev)
+                bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
+                          + (f", MaxVio global {ev['maxvio_global']:.3f}" if "maxvio_global"
+                             in ev else ""))
+            if rank == 0 and record:
+                append_record(metrics, record)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                save()
+                last_ckpt = step
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(
+            f"{err} at step {step + 1}; stopping. The last good checkpoint (step {last_ckpt}) "
+            f"in {out} is intact; start a new --out with a lower --lr or a longer --warmup"
+        ) from None
+    finally:
+        bar.close()
+
+    if rank == 0:
+        write_samples(model, tokenizer, out / "samples.txt", args.sample_chars, args.seed)
+        plots = save_plots(out)
+        minutes = (time.perf_counter() - started) / 60
+        final = json.loads(metrics.read_text(encoding="utf-8").splitlines()[-1])
+        print(f"done: {args.steps} steps, final validation loss {final['val_loss']:.4f} "
+              f"nats/char ({minutes:.1f} min of training)\n  samples: {out / 'samples.txt'}\n"
+              f"  plots:   {', '.join(str(p) for p in plots)}")
+    if world > 1:
+        dist.barrier()
+    return model
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The training loop: a step learns, the bias update, exact resume, DDP, the CLI."""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from minidsv3 import train
+from minidsv3.checkpoint import load_model, load_state
+from minidsv3.config import ModelConfig
+from minidsv3.model import DeepSeekV3
+from minidsv3.moe import max_violation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small generated play (never the download): (text file, data dir)."""
+    rng = random.Random(0)
+    words = "the king queen love death night day sword crown heart lord lady fair sweet".split()
+    speeches = [f"{rng.choice(['KING HENRY', 'PORTIA', 'OTHELLO'])}.\n"
+                + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + ".\n"
+                for _ in range(300)]
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "play.txt").write_text("\n".join(speeches), encoding="utf-8")
+    return folder / "play.txt", folder / "data"
+
+
+def _argv(corpus, out, *extra):
+    text, data_dir = corpus
+    return ["--preset", "tiny", "--text", str(text), "--data-dir", str(data_dir),
+            "--out", str(out), "--steps", "12", "--batch-size", "8", "--seq-len", "32",
+            "--eval-every", "6", "--eval-batches", "2", "--log-every", "1", "--ckpt-every", "6",
+            "--sample-chars", "20", "--lr", "3e-3", "--warmup", "2", *extra]
+
+
+def _records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _cli(argv, timeout=300):
+    """Run the CLI in a fresh single-threaded process (same arithmetic in every run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "minidsv3.train", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_setup(lr=1e-2):
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler
+
+
+def _batch(B=4, T=16, vocab=64):
+    x = torch.randint(0, vocab, (B, T))
+    return x, torch.roll(x, -1, dims=1)
+
+
+# ---------------------------------------------------------------- one step
+
+def test_one_training_step_reduces_the_loss_on_a_fixed_batch():
+    model, optimizer, scheduler = _tiny_setup()
+    x, y = _batch()
+    model.eval()
+    with torch.no_grad():
+        before = model(x, y).loss.item()
+    model.train()
+    args = argparse.Namespace(grad_clip=1.0, balance="aux-free", bias_gamma=0.001)
+    result = train.train_step(model, model, optimizer, scheduler, [(x, y)], args, world=1)
+    assert result["loss"] == pytest.approx(before, rel=1e-5)  # reported: the pre-step loss
+    model.eval()
+    with torch.no_grad():
+        after = model(x, y).loss.item()
+    assert after < before - 0.05
+
+
+def test_bias_update_uses_the_loads_of_every_micro_batch():
+    model, optimizer, scheduler = _tiny_setup()
+    batches = [_batch(), _batch()]
+    model.eval()  # router loads of each micro-batch with the pre-step weights
+    with torch.no_grad():
+        routers = [model(x, y).router for x, y in batches]
+    model.train()
+    expected = [a.load + b.load for a, b in zip(*routers)]  # main MoE layers, then MTP
+    before = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+    gamma = 0.01
+    args = argparse.Namespace(grad_clip=1.0, balance="aux-free", bias_gamma=gamma)
+    result = train.train_step(model, model, optimizer, scheduler, batches, args, world=1)
+
+    assert len(expected) == len(model.moe_layers()) == 2
+    positions = [16, 15]  # the main layer sees all 16 positions, the MTP block T - 1
+    for moe, load, old, got, T in zip(model.moe_layers(), expected, before, result["loads"],
+                                      positions):
+        assert torch.equal(got, load)
+        assert load.sum() == 2 * 4 * T * 2  # micro-batches x sequences x positions x K
+        delta = moe.gate.e_score_correction_bias - old
+        assert load.max() > load.min()
+        assert delta[load.argmax()] == pytest.approx(-gamma)  # most loaded: pushed down
+        assert delta[load.argmin()] == pytest.approx(gamma)  # least loaded: pulled up
+        torch.testing.assert_close(delta, gamma * torch.sign(load.mean() - load))
+        assert moe.expert_load.sum() == 0  # counts restart for the next step
+
+
+@pytest.mark.parametrize("balance", ["aux-loss", "none"])
+def test_other_balance_modes_leave_the_bias_alone(balance):
+    model, optimizer, scheduler = _tiny_setup()
+    args = argparse.Namespace(grad_clip=1.0, balance=balance, bias_gamma=0.01)
+    train.train_step(model, model, optimizer, scheduler, [_batch()], args, world=1)
+    for moe in model.moe_layers():
+        assert torch.equal(moe.gate.e_score_correction_bias, torch.zeros(8))
+        assert moe.expert_load.sum() == 0
+
+
+def test_balance_modes_set_the_loss_coefficients(corpus):
+    tok = train.CharTokenizer("abc")
+    parser = train.build_parser()
+    parser.set_defaults(seq_len=32)
+    free = train.make_config(parser.parse_args(["--preset", "tiny"]), tok)
+    assert (free.aux_loss_alpha, free.expert_aux_loss_alpha) == (0.0001, 0.0)
+    aux = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "aux-loss"]), tok)
+    assert (aux.aux_loss_alpha, aux.expert_aux_loss_alpha) == (0.0, train.AUX_LOSS_ALPHA)
+    none = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "none",
+                                                "--mtp-lambda", "0.5"]), tok)
+    assert (none.aux_loss_alpha, none.expert_aux_loss_alpha, none.mtp_loss_lambda) == (0, 0, 0.5)
+    assert none.vocab_size == 3
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [train.lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine: never increases
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f[100] == pytest.approx(0.1)
+
+
+def test_overrides_are_typed_like_the_config_fields():
+    got = train.parse_overrides(["hidden_size=48", "routed_scaling_factor=1.5",
+                                 "norm_topk_prob=false", "scoring_func=softmax",
+                                 "rope_scaling=none"])
+    assert got == {"hidden_size": 48, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+                   "scoring_func": "softmax", "rope_scaling": None}
+    yarn = train.parse_overrides(['rope_scaling={"factor": 4}'])["rope_scaling"]
+    assert yarn == {"factor": 4}
+
+
+# ---------------------------------------------------------------- whole runs
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses(corpus, tmp_path):
+    argv = _argv(corpus, tmp_path / "full", "--steps", "24", "--ckpt-every", "4",
+                 "--eval-every", "8")
+    full = _cli(argv)
+    assert full.returncode == 0, full.stderr
+
+    # The whole run left everything the issue lists.
+    records = _records(tmp_path / "full")
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for key in ("loss", "lr", "tokens_per_s", "maxvio_train", "bias"):
+        assert key in records[0]
+    final = records[-1]
+    for key in ("val_loss", "maxvio_batch", "maxvio_global", "maxvio_batch_per_layer",
+                "maxvio_global_per_layer", "val_load"):
+        assert key in final
+    assert final["maxvio_global"] == pytest.approx(
+        max_violation(torch.tensor(final["val_load"])).mean().item())
+    for name in ("samples.txt", "loss.png", "maxvio.png", "expert_load.png", "bias.png"):
+        assert (tmp_path / "full" / name).stat().st_size > 0
+    assert (tmp_path / "full" / "samples.txt").read_text().startswith("KING HENRY.\n")
+
+    # The same run, killed with SIGKILL once the step-4 checkpoint exists...
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv_killed = [a if a != str(tmp_path / "full") else str(killed) for a in argv]
+    proc = subprocess.Popen([sys.executable, "-m", "minidsv3.train", *argv_killed], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(ln)["step"] >= 5 for ln in
+                                    metrics.read_text().splitlines() if ln.endswith("}")):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = load_state(killed)["step"]
+    assert 4 <= interrupted_at < 24, "the run was not interrupted"
+
+    # ... then resumed: the losses are exactly those of the uninterrupted run.
+    resumed = _cli([*argv_killed, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _records(killed) == [
+        {**r, **{k: v for k, v in s.items() if k in ("tokens_per_s", "elapsed_s")}}
+        for r, s in zip(records, _records(killed))]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(killed /
+                                                                         "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch,
+                                                           capsys):
+    from minidsv3 import model as model_module
+
+    calls = {"n": 0}
+    real = model_module.cross_entropy
+
+    def poisoned(logits, targets):  # main + MTP cross-entropy: 2 calls per training step
+        calls["n"] += 1
+        return real(logits, targets) * (math.nan if calls["n"] > 8 else 1.0)
+
+    monkeypatch.setattr(model_module, "cross_entropy", poisoned)
+    out = tmp_path / "run"
+    assert train.main(_argv(corpus, out, "--ckpt-every", "2", "--eval-every", "100")) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and "checkpoint (step 4)" in err
+    assert load_state(out)["step"] == 4
+    load_model(out)  # still loads
+
+
+def _ddp_worker(rank, world, port, argv, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = train.train(argv)
+    torch.save(model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+
+
+def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    steps = ["--steps", "4", "--grad-accum", "2", "--eval-every", "4", "--ckpt-every", "4"]
+    mp.spawn(_ddp_worker, args=(2, port, _argv(corpus, tmp_path / "ddp", *steps), str(tmp_path)),
+             nprocs=2, join=True)
+    single = train.train(_argv(corpus, tmp_path / "single", *steps)).state_dict()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # identical on every rank
+        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-5, msg=key)
+    biases = [k for k in single if k.endswith("e_score_correction_bias")]
+    assert biases and any(single[k].abs().sum() > 0 for k in biases)  # the biases moved
+    # The 2-process run logged the same (all-reduced) losses as the single process.
+    for r2, r1 in zip(_records(tmp_path / "ddp"), _records(tmp_path / "single")):
+        assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
+
+
+# ---------------------------------------------------------------- bad arguments
+
+@pytest.mark.parametrize("extra, message", [
+    (["hiden_size=8"], "unknown config field 'hiden_size'"),
+    (["hidden_size=abc"], "hidden_size='abc': expected int"),
+    (["norm_topk_prob=maybe"], "expected true or false"),
+    (["num_experts_per_tok=99"], "num_experts_per_tok=99 exceeds n_routed_experts=8"),
+    (["vocab_size=10"], "vocab_size comes from the tokenizer"),
+    (["mtp_loss_lambda=0.1"], "set mtp_loss_lambda with --mtp-lambda"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--batch-size", "6", "--grad-accum", "4"], "must be divisible by --grad-accum"),
+    (["--seq-len", "1000"], "--seq-len 1000 must be in"),
+])
+def test_cli_refuses_bad_arguments(corpus, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(_argv(corpus, tmp_path / "run", *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "unknown config field" in message:
+        assert "valid fields:" in err and "hidden_size" in err
+
+
+def test_cli_refuses_to_overwrite_or_to_resume_nothing(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(_argv(corpus, out, "--resume"))
+    assert "holds no checkpoint to resume from" in capsys.readouterr().err
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        train.main(_argv(corpus, out))
+    assert "already exists; add --resume to continue that run, or choose another --out" in (
+        capsys.readouterr().err)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_changed_settings(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(_argv(corpus, out, "--steps", "2", "--eval-every", "2", "--ckpt-every", "2"))
+    with pytest.raises(SystemExit):
+        train.main(_argv(corpus, out, "--steps", "2", "--lr", "1e-4", "--resume"))
+    assert "--lr=0.0001 differs from the resumed run's 0.003" in capsys.readouterr().err
