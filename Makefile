@@ -22,8 +22,10 @@ install: $(VENV)/.installed
 train: install
 	$(PY) -m minidsv3.train
 
+# One thread per process: the suite runs notebook kernels and multi-process tests side by
+# side, and oversubscribed OpenMP threads on a 2-core machine slow everything down badly.
 test: install
-	MINIDSV3_QUICK=1 $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	MINIDSV3_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=10
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks
