@@ -328,17 +328,20 @@ def iterate_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int,
 
     Window i starts at ``i * seq_len``, so the x's tile the split from the start; the tail
     too short for a whole window is dropped, and the last batch may hold fewer windows.
+    With ``max_batches``, the windows are a subset spread evenly over the whole split, so
+    a quick estimate during training sees all of its text, not just its first pages.
     """
     window = _check_windows(data, batch_size, seq_len, extra)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     n_windows = (len(data) - window) // seq_len + 1
-    if max_batches is not None:
-        n_windows = min(n_windows, max_batches * batch_size)
+    chosen = torch.arange(n_windows)
+    if max_batches is not None and max_batches * batch_size < n_windows:
+        chosen = torch.linspace(0, n_windows - 1, max_batches * batch_size).round().long()
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for first in range(0, n_windows, batch_size):
-            starts = torch.arange(first, min(first + batch_size, n_windows)) * seq_len
+        for first in range(0, len(chosen), batch_size):
+            starts = chosen[first:first + batch_size] * seq_len
             idx = starts[:, None] + torch.arange(window)  # (b, T + 1 + extra)
             yield data[idx[:, :seq_len]], data[idx[:, 1:]]
 

@@ -234,3 +234,14 @@ def test_eval_batches_tile_the_split_in_order():
     assert len(list(iterate_eval_batches(ids, 4, 10, max_batches=2))) == 2
     x, y = next(iterate_eval_batches(ids, 4, 10, extra=1))
     assert y.shape == (4, 11) and torch.equal(y[:, -1], x[:, -1] + 2)
+
+
+def test_eval_subset_is_spread_over_the_whole_split():
+    """A capped evaluation samples the whole split evenly, not only its first windows."""
+    data = torch.arange(10_000)
+    batches = list(iterate_eval_batches(data, batch_size=4, seq_len=10, max_batches=2))
+    starts = torch.cat([x[:, 0] for x, _ in batches])
+    assert len(starts) == 8 and starts[0] == 0
+    assert starts[-1] == (10_000 - 11) // 10 * 10  # the last whole window of the split
+    gaps = starts.diff()
+    assert gaps.min() >= 10 and gaps.max() - gaps.min() <= 10  # disjoint and evenly spaced
