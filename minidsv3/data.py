@@ -292,46 +292,44 @@ def split_train_val(ids: torch.Tensor, val_fraction: float = 0.1
     return ids[:n_train], ids[n_train:]
 
 
-def _check_windows(data: torch.Tensor, batch_size: int, seq_len: int, extra: int) -> int:
-    """Validate arguments; return the window length seq_len + 1 + extra."""
+def _check_windows(data: torch.Tensor, batch_size: int, seq_len: int) -> int:
+    """Validate arguments; return the window length seq_len + 1 (inputs plus one target)."""
     if data.dim() != 1:
         raise ValueError(f"data must be a 1-D tensor of token ids, got shape {tuple(data.shape)}")
-    if batch_size < 1 or seq_len < 1 or extra < 0:
-        raise ValueError(f"need batch_size >= 1, seq_len >= 1, extra >= 0; got "
-                         f"{batch_size}, {seq_len}, {extra}")
-    window = seq_len + 1 + extra
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"need batch_size >= 1 and seq_len >= 1; got {batch_size}, {seq_len}")
+    window = seq_len + 1
     if len(data) < window:
-        raise ValueError(f"data has {len(data)} tokens but one window needs seq_len + 1 + extra "
+        raise ValueError(f"data has {len(data)} tokens but one window needs seq_len + 1 "
                          f"= {window}; use a shorter seq_len or more text")
     return window
 
 
-def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator,
-              extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x (B, T) and next-token targets y (B, T + extra).
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: x (B, T) and next-token targets y (B, T).
 
-    ``y[b, t]`` is the token after ``x[b, t]``. With ``extra = k`` the targets run k
-    tokens further, which multi-token prediction needs (it predicts the token after
-    next): then ``y[:, k:]`` are the targets of depth k. Start positions come from
+    ``y[b, t]`` is the token after ``x[b, t]``; multi-token prediction finds its deeper
+    targets inside y (``minidsv3.mtp.mtp_inputs``). Start positions come from
     ``generator`` only, so saving and restoring its state replays the same batches.
     """
-    window = _check_windows(data, batch_size, seq_len, extra)
+    window = _check_windows(data, batch_size, seq_len)
     starts = torch.randint(0, len(data) - window + 1, (batch_size,), generator=generator)
-    idx = starts[:, None] + torch.arange(window)  # (B, T + 1 + extra)
+    idx = starts[:, None] + torch.arange(window)  # (B, T + 1)
     return data[idx[:, :seq_len]], data[idx[:, 1:]]
 
 
 def iterate_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int,
-                         max_batches: int | None = None, extra: int = 0
+                         max_batches: int | None = None
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows in order, x (b, T) and y (b, T + extra), for a validation loss.
+    """Non-overlapping windows in order, x (b, T) and y (b, T), for a validation loss.
 
     Window i starts at ``i * seq_len``, so the x's tile the split from the start; the tail
     too short for a whole window is dropped, and the last batch may hold fewer windows.
     With ``max_batches``, the windows are a subset spread evenly over the whole split, so
     a quick estimate during training sees all of its text, not just its first pages.
     """
-    window = _check_windows(data, batch_size, seq_len, extra)
+    window = _check_windows(data, batch_size, seq_len)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     n_windows = (len(data) - window) // seq_len + 1
@@ -342,7 +340,7 @@ def iterate_eval_batches(data: torch.Tensor, batch_size: int, seq_len: int,
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for first in range(0, len(chosen), batch_size):
             starts = chosen[first:first + batch_size] * seq_len
-            idx = starts[:, None] + torch.arange(window)  # (b, T + 1 + extra)
+            idx = starts[:, None] + torch.arange(window)  # (b, T + 1)
             yield data[idx[:, :seq_len]], data[idx[:, 1:]]
 
     return batches()  # arguments were checked above, before the first batch is asked for

@@ -199,9 +199,6 @@ def test_get_batch_targets_are_shifted_by_one():
     assert x.shape == (4, 8) and y.shape == (4, 8)
     assert torch.equal(y, x + 1)
     assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # each row is a contiguous window
-    x2, y2 = get_batch(ids, 4, 8, torch.Generator().manual_seed(0), extra=1)
-    assert x2.shape == (4, 8) and y2.shape == (4, 9)
-    assert torch.equal(y2, x2[:, :1] + torch.arange(1, 10))  # runs one token further
 
 
 def test_get_batch_is_reproducible_and_reaches_every_start():
@@ -232,8 +229,6 @@ def test_eval_batches_tile_the_split_in_order():
     again = list(iterate_eval_batches(ids, batch_size=4, seq_len=10))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     assert len(list(iterate_eval_batches(ids, 4, 10, max_batches=2))) == 2
-    x, y = next(iterate_eval_batches(ids, 4, 10, extra=1))
-    assert y.shape == (4, 11) and torch.equal(y[:, -1], x[:, -1] + 2)
 
 
 def test_eval_subset_is_spread_over_the_whole_split():
