@@ -156,11 +156,11 @@ class DeepSeekV3(nn.Module):
             out.mtp_ce.append(cross_entropy(self.lm_head(module.norm(h_prev)), mtp_targets))
         zero = logits.new_zeros((), dtype=torch.float32)
         out.mtp = mtp_loss(out.mtp_ce, self.cfg.mtp_loss_lambda) if out.mtp_ce else zero
-        out.balance = self.balance_loss(router) if router else zero
+        out.balance = self.balance_term(router) if router else zero
         out.loss = out.ce + out.mtp + out.balance
         return out
 
-    def balance_loss(self, router: list[RouterStats]) -> torch.Tensor:
+    def balance_term(self, router: list[RouterStats]) -> torch.Tensor:
         """Sum over MoE layers of alpha * L_seq (+ alpha_e * batch-level loss)."""
         cfg, total = self.cfg, router[0].scores.new_zeros(())
         for s in router:
