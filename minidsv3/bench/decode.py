@@ -14,6 +14,10 @@ Prints, from one run:
    such): tokens/s, acceptance rate and tokens per main-model forward, greedy and
    sampled, and a check that greedy speculative text equals greedy text.
 
+``--dtype bfloat16`` runs all of it with the model cast to bf16 (the GPU path; slower
+than fp32 on most CPUs) and checks that cached greedy decoding gives exactly the tokens
+of greedy decoding by full forwards in the same dtype.
+
 Each figure is the median over timed steps or repeats, so one slow step on a
 shared machine does not skew it; still, treat the numbers as approximate.
 """
@@ -58,7 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fallback-steps", type=int, default=400,
                    help="training steps of the stand-in model when --run has no checkpoint")
     p.add_argument("--repeats", type=int, default=5, help="repeats of each generation")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the models' dtype (RoPE tables and routers stay float32 regardless)")
     return p.parse_args(argv)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------- naive vs absorbed
@@ -81,15 +90,25 @@ def decode_seconds(model: DeepSeekV3, context: int, steps: int, mode: str, chunk
     return statistics.median(times[warmup:]), allocated_bytes(caches)
 
 
+@torch.no_grad()
+def greedy_by_full_forwards(model: DeepSeekV3, prompt: list[int], n: int, mode: str) -> list[int]:
+    """Greedy decoding without caches: the whole sequence again for every new token."""
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids, attn_mode=mode).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
 def attention_paths(args: argparse.Namespace) -> None:
     longest = max(args.contexts) + args.steps + 2
     cfg = ModelConfig.preset("toy", **ATTENTION_CONFIG, max_position_embeddings=longest)
     set_seed(0)
-    model = DeepSeekV3(cfg).eval()
-    sizes = cache_sizes(cfg, torch.float32)
+    model = DeepSeekV3(cfg).eval().to(DTYPES[args.dtype])
+    sizes = cache_sizes(cfg, DTYPES[args.dtype])
     print(f"== naive vs absorbed MLA decode: {cfg.num_attention_heads} heads, "
           f"qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}, "
-          f"kv_lora_rank {cfg.kv_lora_rank}, {cfg.num_hidden_layers} layers, fp32, batch 1")
+          f"kv_lora_rank {cfg.kv_lora_rank}, {cfg.num_hidden_layers} layers, {args.dtype}, "
+          "batch 1")
     print(f"cache bytes/token/layer: naive {sizes['naive']:,}  absorbed {sizes['absorbed']:,}  "
           f"({sizes['naive'] / sizes['absorbed']:.0f}x smaller)")
     print(f"{'context':>8} {'naive tok/s':>12} {'absorbed tok/s':>15} {'speed-up':>9} "
@@ -104,6 +123,12 @@ def attention_paths(args: argparse.Namespace) -> None:
         print(f"{context:>8} {row['naive'][0]:>12.1f} {row['absorbed'][0]:>15.1f} "
               f"{row['absorbed'][0] / row['naive'][0]:>8.2f}x {row['naive'][1]:>15.1f} "
               f"{row['absorbed'][1]:>18.1f}")
+    prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
+    for mode in ("naive", "absorbed"):
+        cached = generate(model, prompt.tolist(), 48, temperature=0, attn_mode=mode).tokens
+        full = greedy_by_full_forwards(model, prompt.tolist(), 48, mode)
+        print(f"{args.dtype} {mode} cached greedy decode (48 tokens) identical to greedy by "
+              f"full forwards: {cached == full}")
     release = cache_sizes(ModelConfig.preset("deepseek-v3"))  # bf16
     print(f"released DeepSeek-V3 (bf16, 61 layers): absorbed {release['absorbed'] * 61:,} "
           f"bytes/token vs naive {release['naive'] * 61:,} "
@@ -139,9 +164,10 @@ def plain_and_speculative(model, prompt, repeats: int, **kwargs) -> list[Generat
 def speculative(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model, tokenizer = trained_toy(args, Path(scratch))
+    model = model.to(DTYPES[args.dtype])
     cfg = model.cfg
     print(f"== MTP speculative decoding (D = {cfg.num_nextn_predict_layers}) vs plain, "
-          f"absorbed attention, {cfg.max_position_embeddings}-token sequences")
+          f"absorbed attention, {args.dtype}, {cfg.max_position_embeddings}-token sequences")
     print(f"{'mode':>15} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} "
           f"{'accepted':>9} {'tok/forward':>12}")
     for label, kwargs in [("greedy", dict(temperature=0.0)),
