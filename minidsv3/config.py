@@ -1,11 +1,18 @@
 """ModelConfig: every number that defines a DeepSeek-V3-architecture model.
 
 Field names are the ones of the released ``config.json`` (the HF layout), so a
-config can be read from and written to that file unchanged. Three presets:
+config can be read from and written to that file unchanged. Presets:
 
-* ``tiny``         -- a few thousand parameters, for unit tests;
-* ``toy``          -- the model ``make train`` trains on Shakespeare on a CPU;
-* ``deepseek-v3``  -- the released 671B configuration (build it on the meta device).
+* ``tiny``             -- a few thousand parameters, for unit tests;
+* ``toy``              -- the model ``make train`` trains on Shakespeare on a CPU;
+* ``deepseek-v3``      -- the released 671B configuration (build it on the meta device);
+* ``deepseek-v2``      -- DeepSeek-V2 (236B): softmax gate, max-score expert groups, no bias;
+* ``deepseek-v2-lite`` -- DeepSeek-V2-Lite (16B): softmax gate, no groups, no query LoRA.
+
+The three released models share every module and differ in config only, so one code
+path serves the family. ``from_dict`` reads both layouts of ``config.json``: the
+release's (top-level ``rope_theta`` and ``rope_scaling``) and the one transformers >= 5
+writes (one ``rope_parameters`` block with a ``rope_type``).
 
 Validation runs at construction: a bad value raises ``ValueError`` naming the
 field, the value and what is allowed, instead of failing deep inside a matmul.
@@ -18,6 +25,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")  # the release's routing rules
+DEFAULT_ROPE_THETA = 10000.0  # what HF assumes when a file states no rope_theta
+# The HF classes of the family (model_type -> architecture) and their tokenizers' special ids.
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
+TOKEN_IDS = {"deepseek_v3": dict(bos_token_id=0, eos_token_id=1),
+             "deepseek_v2": dict(bos_token_id=100000, eos_token_id=100001)}
 
 
 @dataclass
@@ -69,10 +83,17 @@ class ModelConfig:
     topk_group: int = 4  # groups a token may route to (node-limited routing)
     routed_scaling_factor: float = 2.5  # multiplies the normalised routed weights
     scoring_func: str = "sigmoid"  # affinity s = sigmoid(u.e) ('softmax' for V2-style)
-    norm_topk_prob: bool = True  # normalise the selected weights to sum to 1
+    # How experts are picked (the release's three rules, see moe.Gate.select):
+    # 'noaux_tc' (V3): correction bias b, group score = sum of the top-2 biased scores;
+    # 'group_limited_greedy' (V2): no bias, group score = the group's maximum score;
+    # 'greedy' (V2-Lite): no bias, no groups -- plain top-K_r.
+    topk_method: str = "noaux_tc"
+    # Renormalise the selected weights to sum to 1 before routed_scaling_factor. None means
+    # what the released configs do: True for sigmoid (V3), False for softmax (V2).
+    norm_topk_prob: bool | None = None
     rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
     max_position_embeddings: int = 163840  # longest context the model is built for
-    rope_theta: float = 10000.0  # RoPE base
+    rope_theta: float = DEFAULT_ROPE_THETA  # RoPE base
     rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)  # YaRN or None
     num_nextn_predict_layers: int = 1  # D: multi-token-prediction depth
     tie_word_embeddings: bool = False  # V3 keeps embedding and output head separate
@@ -84,8 +105,11 @@ class ModelConfig:
 
     # -- validation ---------------------------------------------------------------
     def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**_known(RopeScaling, self.rope_scaling))
+        if isinstance(self.rope_scaling, dict):  # a config.json block: "yarn", or "default"
+            block = _yarn_block(self.rope_scaling, "rope_scaling")
+            self.rope_scaling = None if block is None else RopeScaling(**_known(RopeScaling, block))
+        if self.norm_topk_prob is None:
+            self.norm_topk_prob = self.scoring_func == "sigmoid"
         positive = [
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
             "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -125,7 +149,15 @@ class ModelConfig:
             )
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
-        if self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={self.topk_method!r}: use one of {TOPK_METHODS}")
+        if self.topk_method == "greedy" and self.n_group != 1:
+            raise ValueError(
+                f"topk_method='greedy' routes without expert groups, but n_group={self.n_group}: "
+                "set n_group=1 and topk_group=1, or use 'group_limited_greedy' / 'noaux_tc'"
+            )
+        if (self.topk_method == "noaux_tc" and self.n_group > 1
+                and self.n_routed_experts // self.n_group < 2):
             raise ValueError(
                 f"n_group={self.n_group}: each group needs >= 2 experts for the top-2-sum "
                 f"group score (n_routed_experts={self.n_routed_experts})"
@@ -149,6 +181,16 @@ class ModelConfig:
         """Per-head query/key width: the no-RoPE part plus the decoupled RoPE part."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    @property
+    def has_routing_bias(self) -> bool:
+        """Only V3's 'noaux_tc' rule has the correction bias (``e_score_correction_bias``)."""
+        return self.topk_method == "noaux_tc"
+
+    @property
+    def model_type(self) -> str:
+        """The HF ``model_type`` of this config: V3's classes implement only 'noaux_tc'."""
+        return "deepseek_v3" if self.has_routing_bias else "deepseek_v2"
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Blocks from ``first_k_dense_replace`` on (MTP blocks included) use MoE."""
         return layer_idx >= self.first_k_dense_replace
@@ -169,34 +211,53 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The fields of a DeepSeek-V3 ``config.json`` (HF transformers layout)."""
+        """The fields of the release's ``config.json`` (HF layout, V3 or V2 by ``model_type``)."""
         d = self.to_dict()
         d["q_lora_rank"] = self.q_lora_rank or None  # the HF file writes null for "no LoRA"
         d.update(
-            architectures=["DeepseekV3ForCausalLM"],
-            model_type="deepseek_v3",
+            architectures=[ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
             num_key_value_heads=self.num_attention_heads,  # MLA: every head has its own K/V
             hidden_act="silu",
-            topk_method="noaux_tc",
             moe_layer_freq=1,
             attention_bias=False,
-            bos_token_id=0,
-            eos_token_id=1,
+            **TOKEN_IDS[self.model_type],
             torch_dtype="bfloat16",
         )
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a (possibly HF) dict; unknown keys such as ``torch_dtype`` are ignored."""
+        """Build from a (possibly HF) dict; unknown keys such as ``torch_dtype`` are ignored.
+
+        Reads ``deepseek_v3`` and ``deepseek_v2`` files in either RoPE layout. What a
+        file leaves out means what it means to HF transformers: no ``rope_scaling``
+        is plain RoPE, and a V2 file (which has no MTP field) has no MTP module.
+        """
         d = dict(d)
-        if d.get("model_type", "deepseek_v3") != "deepseek_v3":
-            raise ValueError(
-                f"config model_type={d['model_type']!r}: minidsv3 reads only 'deepseek_v3'"
-            )
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"config model_type={model_type!r}: minidsv3 reads "
+                             f"{sorted(ARCHITECTURES)} (the DeepSeek-V2/V3 family)")
+        d = {**FAMILY_DEFAULTS[model_type], **d}
         if d.get("q_lora_rank") is None:
             d["q_lora_rank"] = 0
-        return cls(**_known(cls, d))
+        if d.get("rope_interleave", True) is not True:
+            raise ValueError(
+                f"rope_interleave={d['rope_interleave']!r}: minidsv3's RoPE rotates interleaved "
+                "pairs, as the released weights expect; a file with rope_interleave=false holds "
+                "weights permuted for rotate-half RoPE, which would be read wrongly")
+        if d.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"moe_layer_freq={d['moe_layer_freq']!r}: minidsv3 builds every "
+                             "block from first_k_dense_replace on as MoE (moe_layer_freq=1)")
+        d["rope_theta"], d["rope_scaling"] = _read_rope(d)
+        cfg = cls(**_known(cls, d))
+        if cfg.model_type != model_type:
+            raise ValueError(
+                f"model_type={model_type!r} with topk_method={cfg.topk_method!r}: "
+                f"{model_type} models route with "
+                f"{'noaux_tc' if model_type == 'deepseek_v3' else 'greedy / group_limited_greedy'}")
+        return cfg
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -207,15 +268,101 @@ class ModelConfig:
             return cls.from_dict(json.load(f))
 
 
+def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, YaRN block or None) from either layout of config.json.
+
+    release / transformers < 5:  "rope_theta": 1e4, "rope_scaling": {"type": "yarn", ...} or null
+    transformers >= 5:          "rope_parameters": {"rope_type": "default" | "yarn",
+                                                    "rope_theta": 1e4, <YaRN fields>}
+    A file may carry both only if they agree; a rope type other than plain RoPE
+    ("default") and YaRN is refused rather than approximated.
+    """
+    theta = d.get("rope_theta", DEFAULT_ROPE_THETA)
+    scaling = d.get("rope_scaling")
+    if isinstance(scaling, dict):
+        scaling = _file_yarn_block(scaling, "rope_scaling")
+    params = d.get("rope_parameters")
+    if params is None:
+        return theta, scaling
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_parameters={params!r}: must be a JSON object")
+    v5_theta = params.get("rope_theta", DEFAULT_ROPE_THETA)
+    v5_scaling = _file_yarn_block({k: v for k, v in params.items() if k != "rope_theta"},
+                                  "rope_parameters")
+    for name, old, new, stated in [("rope_theta", theta, v5_theta, "rope_theta" in d),
+                                   ("rope_scaling", scaling, v5_scaling, "rope_scaling" in d)]:
+        if stated and old != new:
+            raise ValueError(f"config states {name}={old!r} and rope_parameters says {new!r}: "
+                             "the two layouts disagree; keep one of them")
+    return v5_theta, v5_scaling
+
+
+def _yarn_block(block: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The RopeScaling fields of a rope block, or None for plain RoPE ("default")."""
+    block = dict(block)
+    kinds = {block.pop(key) for key in ("rope_type", "type") if key in block}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: rope_type and type disagree ({sorted(kinds)})")
+    kind = kinds.pop() if kinds else "default" if where == "rope_parameters" else "yarn"
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(f"{where}.rope_type={kind!r} is not implemented: minidsv3 implements "
+                         "'default' (plain RoPE) and 'yarn' (DeepSeek's context extension)")
+    return block
+
+
+def _file_yarn_block(block: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """``_yarn_block`` with HF's reading of an absent ``mscale_all_dim``: 0, i.e. no
+    softmax-scale correction and the whole temperature on the rotations (RopeScaling's
+    own default, 1.0, is V3's stated value)."""
+    block = _yarn_block(block, where)
+    if block is not None:
+        block.setdefault("mscale_all_dim", 0.0)
+    return block
+
+
 def _known(kind: type, d: dict[str, Any]) -> dict[str, Any]:
     """Keep only the keys that are fields of the dataclass ``kind``."""
     names = {f.name for f in dataclasses.fields(kind)}
     return {k: v for k, v in d.items() if k in names}
 
 
+# What a file of each family means by leaving a field out, where that differs from our
+# V3 defaults (HF transformers' defaults; an absent rope block is handled by _read_rope).
+# V2 files have no num_nextn_predict_layers: V2 has no MTP module.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {},
+    "deepseek_v2": dict(scoring_func="softmax", topk_method="greedy", num_nextn_predict_layers=0),
+}
+
+# What DeepSeek-V2 and V2-Lite share (their released config.json files): the tokenizer,
+# one dense block, 2 shared + 6 of N routed experts, a softmax gate whose selected weights
+# are not renormalised, YaRN with mscale = mscale_all_dim = 0.707, and no MTP module.
+_V2_FAMILY = dict(
+    vocab_size=102400, first_k_dense_replace=1, n_shared_experts=2, num_experts_per_tok=6,
+    scoring_func="softmax", norm_topk_prob=False, num_nextn_predict_layers=0,
+    rope_scaling=dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0,
+                      beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707),
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The released DeepSeek-V3 (every default above is its value).
     "deepseek-v3": {},
+    # DeepSeek-V2 (236B total, 21B activated; arXiv 2405.04434): 160 routed experts in 8
+    # groups of which 3 are kept, ranked by their best expert; route scale 16.
+    "deepseek-v2": dict(
+        _V2_FAMILY, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, n_routed_experts=160,
+        n_group=8, topk_group=3, routed_scaling_factor=16.0, topk_method="group_limited_greedy",
+    ),
+    # DeepSeek-V2-Lite (15.7B total, 2.4B activated): full-rank queries, 64 routed experts
+    # without groups (plain top-6).
+    "deepseek-v2-lite": dict(
+        _V2_FAMILY, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=0, n_routed_experts=64,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, topk_method="greedy",
+    ),
     # Trains on Shakespeare characters on a laptop CPU (`make train`); same structure at
     # small width. As in the release, the dense FFN is as wide as one token's experts
     # (288 = 96 x (1 shared + 2 routed)). qk_nope + qk_rope = v_head_dim lets CPU attention

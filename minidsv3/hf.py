@@ -1,6 +1,8 @@
 """The DeepSeek-V3 checkpoint format: ``config.json`` + safetensors, FP8 included.
 
-This is the layout of the official release and of HF transformers. Our module
+This is the layout of the official release and of HF transformers; DeepSeek-V2 and
+V2-Lite checkpoints (``model_type: deepseek_v2``) use the same key names, less the
+routing bias and the MTP layers, and load through the same code. Our module
 names already follow it; the differences are a ``model.`` prefix and the MTP
 modules, which the checkpoint stores as extra decoder layers after the main ones:
 
@@ -33,11 +35,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .layers import precompute_freqs_cis
+from .config import ARCHITECTURES, ModelConfig
 from .model import DeepSeekV3
 
-ARCHITECTURE = "DeepseekV3ForCausalLM"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -151,11 +151,13 @@ def read_config(path: Path) -> tuple[ModelConfig, tuple[int, int]]:
         d = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
-    architectures = d.get("architectures") or [ARCHITECTURE]
-    if d.get("model_type") != "deepseek_v3" or ARCHITECTURE not in architectures:
+    model_type = d.get("model_type")
+    architecture = ARCHITECTURES.get(model_type)
+    architectures = d.get("architectures") or [architecture]
+    if architecture is None or architecture not in architectures:
         raise ValueError(
-            f"{file}: model_type={d.get('model_type')!r}, architectures={architectures}: not a "
-            f"DeepSeek-V3 checkpoint (expected model_type 'deepseek_v3' and {ARCHITECTURE})"
+            f"{file}: model_type={model_type!r}, architectures={architectures}: not a DeepSeek-V3 "
+            f"or V2 checkpoint (expected one of {ARCHITECTURES})"
         )
     # The release ships quantization_config = {quant_method: fp8, fmt: e4m3, weight_block_size:
     # [128, 128], activation_scheme: dynamic}. Only the block size matters here: FP8 weights
@@ -165,7 +167,10 @@ def read_config(path: Path) -> tuple[ModelConfig, tuple[int, int]]:
         raise ValueError(f"{file}: quantization_config.quant_method="
                          f"{quant.get('quant_method')!r} is not supported (only 'fp8')")
     block = tuple(quant.get("weight_block_size", (128, 128)))
-    return ModelConfig.from_dict(d), block
+    try:
+        return ModelConfig.from_dict(d), block
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -252,7 +257,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
             state[name] = t
     model.load_state_dict(state, strict=True, assign=True)
     # Buffers derived from the config are not in the checkpoint: build them for real.
-    model.freqs_cis = precompute_freqs_cis(cfg).to(device)
+    model.rope.to_empty(device=device)  # RopeTable recomputes its table there
     for moe in model.moe_layers():
         moe.expert_load = torch.zeros_like(moe.expert_load, device=device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]

@@ -6,7 +6,9 @@
 * RoPE on interleaved pairs -- each pair (x[2i], x[2i+1]) is one complex number rotated
                           by position * theta_i, exactly as the released checkpoint expects;
 * YaRN                 -- per-frequency interpolation for long contexts, plus the
-                          attention temperature ``mscale`` (V3 report sec. 4.3).
+                          attention temperature ``mscale`` (V3 report sec. 4.3);
+* ``RopeTable``        -- the model's table of rotations, kept complex64 (two float32
+                          numbers per pair) whatever dtype the rest of the model is cast to.
 """
 
 from __future__ import annotations
@@ -104,23 +106,62 @@ def uses_yarn(cfg: ModelConfig) -> bool:
 
 
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
-    """exp(i * m * theta_k) for positions m < seq_len: complex64 of shape (seq_len, d_R/2)."""
+    """a * exp(i * m * theta_k) for positions m < seq_len: complex64 of shape (seq_len, d_R/2).
+
+    The magnitude a is 1 for plain RoPE. With YaRN it is mscale / mscale_all_dim's
+    temperature ratio (HF's ``attention_factor``; 1 in every released config, where the
+    two are equal): the rest of the temperature lives in ``softmax_scale``.
+    """
     seq_len = seq_len or cfg.max_position_embeddings
     dim = cfg.qk_rope_head_dim
+    magnitude = 1.0
     if uses_yarn(cfg):
-        inv_freq = yarn_inv_freq(cfg.rope_scaling, dim, cfg.rope_theta)
+        y = cfg.rope_scaling
+        inv_freq = yarn_inv_freq(y, dim, cfg.rope_theta)
+        magnitude = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
     else:
         inv_freq = rope_inv_freq(dim, cfg.rope_theta)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, d_R/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.polar(torch.full_like(angles, magnitude), angles).to(torch.complex64)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim: x (B, T, H, d_R), freqs_cis (T, d_R/2)."""
-    # (B, T, H, d_R) -> (B, T, H, d_R/2) complex: pair (x0, x1) becomes x0 + i*x1
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rotated = xc * freqs_cis[None, :, None, :]  # broadcast over batch and heads
+    """Rotate interleaved pairs of the last dim: x (B, T, H, d_R), freqs_cis (T, d_R/2).
+
+    The rotation is computed in float32 whatever x's dtype, then cast back to it.
+    """
+    # (B, T, H, d_R) -> (B, T, H, d_R/2, 2): pair (x0, x1) becomes x0 + i*x1. view_as_complex
+    # needs even strides and offset, which a slice after an odd-width split lacks: copy then.
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2).contiguous()
+    rotated = torch.view_as_complex(pairs) * freqs_cis[None, :, None, :]  # over batch, heads
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # back to (B, T, H, d_R)
+
+
+class RopeTable(nn.Module):
+    """``freqs_cis`` for every position the model supports, immune to dtype casts.
+
+    ``model.to(torch.bfloat16)`` (or ``.half()``, ``.double()``) casts every floating
+    and complex buffer to that dtype; for this complex table that would keep only the
+    real part, cos(m theta), and every query and key would be *scaled* instead of
+    rotated -- silently. So this module follows the rest of the model to its device but
+    never changes dtype, and a model built on the meta device gets a real table when it
+    is materialised (``to_empty``), since the table is derived from the config.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # derived from the config, so not saved in checkpoints (persistent=False)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Where would ``fn`` (.to, .cuda, .half, to_empty, ...) send a tensor of ours?
+        device = fn(torch.empty(0, device=self.freqs_cis.device)).device
+        if self.freqs_cis.is_meta and device.type != "meta":
+            self.freqs_cis = precompute_freqs_cis(self.cfg).to(device)
+        else:
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self
 
 
 def softmax_scale(cfg: ModelConfig) -> float:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, RMSNorm, precompute_freqs_cis
+from .layers import MLP, RMSNorm, RopeTable
 from .mla import MLA, AttnMode, MLACache
-from .moe import MoE, RouterStats, balance_loss
+from .moe import Gate, MoE, RouterStats, balance_loss
 from .mtp import MTPModule, cross_entropy, mtp_inputs, mtp_loss
 
 
@@ -79,9 +79,14 @@ class DeepSeekV3(nn.Module):
             MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k))
             for k in range(cfg.num_nextn_predict_layers)
         )
-        # RoPE angles for every position the model supports; derived, so not saved.
-        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg), persistent=False)
+        # RoPE rotations for every position the model supports (complex64 at any model dtype).
+        self.rope = RopeTable(cfg)
         self.apply(self._init_weights)
+
+    @property
+    def freqs_cis(self) -> torch.Tensor:
+        """(max_position_embeddings, d_R/2) complex64: e^(i m theta_k) for every position m."""
+        return self.rope.freqs_cis
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for every matrix (report: std 0.006); norms stay 1."""
@@ -90,7 +95,7 @@ class DeepSeekV3(nn.Module):
             return  # meta tensors hold no values: nothing to initialise (keeps 671B fast)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif hasattr(module, "e_score_correction_bias"):  # the Gate's expert centroids
+        elif isinstance(module, Gate):  # the expert centroids
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def moe_layers(self) -> list[MoE]:

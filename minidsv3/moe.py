@@ -5,6 +5,10 @@
     selection: top-K_r of (s_i + b_i) within the top ``topk_group`` groups    eq. 16
     g_i = s_i / sum_{selected} s_j * routed_scaling_factor                  eqs. 13-14
 
+The same Gate serves the whole family through ``topk_method``: V3's ``noaux_tc``
+(above), V2's ``group_limited_greedy`` (softmax scores, no bias, groups ranked by
+their best expert, weights not renormalised) and V2-Lite's ``greedy`` (no groups).
+
 The bias b (``e_score_correction_bias``) only decides *which* experts a token
 visits; the weights come from the unbiased scores. After every training step the
 bias moves by gamma * sign(mean load - load_i), pushing tokens from overloaded to
@@ -15,6 +19,7 @@ within a single sequence.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +41,7 @@ class RouterStats:
 
 
 class Gate(nn.Module):
-    """The router: affinities, bias-adjusted group-limited top-k, normalised weights."""
+    """The router: affinities, (bias-adjusted) group-limited top-k, normalised weights."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,22 +49,40 @@ class Gate(nn.Module):
         # e_i: one centroid per routed expert (the model re-initialises it with the rest)
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.initializer_range)
-        # Training-only state: a buffer updated under no_grad, never seen by the optimizer.
-        self.register_buffer(
-            "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
-        )
+        if cfg.has_routing_bias:
+            # Training-only state: a buffer updated under no_grad, never seen by the optimizer.
+            self.register_buffer(
+                "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+            )
+        else:  # V2: the checkpoint has no bias, and selection uses the scores alone
+            self.e_score_correction_bias = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Affinities s (N, N_r) in float32: sigmoid (V3) or softmax (V2)."""
-        logits = F.linear(x.float(), self.weight.float())
+        """Affinities s (N, N_r) in float32: sigmoid (V3) or softmax (V2).
+
+        float32 even under autocast, as in the release: autocast would run this linear
+        in bf16, and near-ties between experts would then be broken by rounding.
+        """
+        no_autocast = (nullcontext() if x.device.type == "meta"  # meta has no autocast
+                       else torch.autocast(x.device.type, enabled=False))
+        with no_autocast:
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(-1)
 
     def select(self, biased: torch.Tensor) -> torch.Tensor:
-        """Indices (N, K_r) of the top-K_r experts inside the best ``topk_group`` groups."""
+        """Indices (N, K_r) of the top-K_r experts inside the best ``topk_group`` groups.
+
+        The group score is the sum of each group's top-2 (biased) scores for V3's
+        ``noaux_tc`` and the group's single best score for V2's ``group_limited_greedy``;
+        ``greedy`` has one group, i.e. no restriction.
+        """
         cfg = self.cfg
         if cfg.n_group > 1:
             grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, M, N_r/M)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # sum of top-2 per group
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, M)
+            else:
+                group_score = grouped.amax(dim=-1)  # (N, M)
             keep = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
             grouped = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf"))
@@ -67,9 +90,10 @@ class Gate(nn.Module):
         return biased.topk(cfg.num_experts_per_tok, dim=-1).indices
 
     def forward(self, x: torch.Tensor):
-        """x (N, d) -> weights (N, K_r), indices (N, K_r), unbiased scores (N, N_r)."""
+        """x (N, d) -> weights (N, K_r), indices (N, K_r), unbiased scores (N, N_r); float32."""
         s = self.scores(x)
-        idx = self.select(s + self.e_score_correction_bias)  # bias: selection only
+        b = self.e_score_correction_bias
+        idx = self.select(s if b is None else s + b)  # bias: selection only
         weights = s.gather(1, idx)  # from the *unbiased* scores
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -140,6 +164,10 @@ class MoE(nn.Module):
         micro-batches of the step); data-parallel training all-reduces
         ``expert_load`` first so that every rank applies the same update.
         """
+        if self.gate.e_score_correction_bias is None:
+            raise ValueError(
+                f"topk_method={self.cfg.topk_method!r} has no routing bias to update: the "
+                "auxiliary-loss-free bias update needs topk_method='noaux_tc' (DeepSeek-V3)")
         load = self.expert_load.clone() if load is None else load.float()
         self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         self.expert_load.zero_()

@@ -99,8 +99,9 @@ def block_weights(cfg: ModelConfig, layer_idx: int) -> list[Weights]:
     if not cfg.is_moe_layer(layer_idx):
         return ws + _swiglu(DENSE_FFN, d, cfg.intermediate_size)
     E = cfg.n_routed_experts
-    # The routing bias is a buffer that only picks experts: in the 671B, not in "activated".
-    ws += [Weights(GATE, (E, d)), Weights(ROUTING_BIAS, (E,), active=0)]
+    ws.append(Weights(GATE, (E, d)))
+    if cfg.has_routing_bias:  # V3 only; a buffer that only picks experts: not "activated"
+        ws.append(Weights(ROUTING_BIAS, (E,), active=0))
     ws += _swiglu(ROUTED, d, cfg.moe_intermediate_size, E, cfg.num_experts_per_tok)
     if cfg.n_shared_experts:  # built as one SwiGLU N_s times the expert width
         ws += _swiglu(SHARED, d, cfg.moe_intermediate_size * cfg.n_shared_experts)

@@ -173,7 +173,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _parse_value(key: str, raw: str, kind: Any) -> Any:
     word = raw.strip().lower()
-    if kind is bool:
+    if kind in (bool, bool | None):  # norm_topk_prob may be None ("as the release")
         if word in ("true", "1", "yes", "false", "0", "no"):
             return word in ("true", "1", "yes")
         raise ValueError(f"{key}={raw!r}: expected true or false")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from minidsv3 import ModelConfig
 from minidsv3.config import PRESETS, RopeScaling
@@ -82,3 +83,110 @@ def test_replace_validates():
     cfg = ModelConfig.preset("tiny")
     with pytest.raises(ValueError, match="topk_group"):
         cfg.replace(topk_group=99)
+
+
+# -- the model family and both config.json layouts ---------------------------------------
+
+def test_v2_presets_match_the_released_configs():
+    """Values of DeepSeek-V2 / V2-Lite's config.json (and inference/configs/config_{236B,16B})."""
+    v2, lite = ModelConfig.preset("deepseek-v2"), ModelConfig.preset("deepseek-v2-lite")
+    assert (v2.vocab_size, v2.hidden_size, v2.intermediate_size, v2.moe_intermediate_size,
+            v2.num_hidden_layers, v2.num_attention_heads, v2.q_lora_rank) == (
+        102400, 5120, 12288, 1536, 60, 128, 1536)
+    assert (v2.n_shared_experts, v2.n_routed_experts, v2.num_experts_per_tok, v2.n_group,
+            v2.topk_group, v2.routed_scaling_factor) == (2, 160, 6, 8, 3, 16.0)
+    assert (lite.hidden_size, lite.intermediate_size, lite.moe_intermediate_size,
+            lite.num_hidden_layers, lite.num_attention_heads, lite.q_lora_rank) == (
+        2048, 10944, 1408, 27, 16, 0)
+    assert (lite.n_shared_experts, lite.n_routed_experts, lite.num_experts_per_tok,
+            lite.n_group, lite.routed_scaling_factor) == (2, 64, 6, 1, 1.0)
+    for c in (v2, lite):
+        assert c.scoring_func == "softmax" and not c.norm_topk_prob
+        assert c.first_k_dense_replace == 1 and c.num_nextn_predict_layers == 0
+        assert (c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (
+            512, 128, 64, 128)
+        assert c.rope_scaling == RopeScaling(40, 4096, 32, 1, 0.707, 0.707)
+        assert c.model_type == "deepseek_v2"
+    assert (v2.topk_method, lite.topk_method) == ("group_limited_greedy", "greedy")
+    assert ModelConfig.preset("deepseek-v3").topk_method == "noaux_tc"
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "deepseek-v2", "deepseek-v2-lite"])
+def test_family_round_trips_through_config_json(tmp_path, name):
+    cfg = ModelConfig.preset(name)
+    cfg.to_json(tmp_path / "config.json")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["model_type"] == cfg.model_type and raw["topk_method"] == cfg.topk_method
+    assert ModelConfig.from_json(tmp_path / "config.json") == cfg
+
+
+def v5_file(**rope_parameters):
+    """A tiny config.json as transformers >= 5 writes it: no rope_theta, no rope_scaling."""
+    d = ModelConfig.preset("tiny").to_hf_dict()
+    del d["rope_theta"], d["rope_scaling"]
+    d["rope_parameters"] = rope_parameters
+    return d
+
+
+def test_v5_layout_plain_rope_with_long_context_stays_plain():
+    """8,192 positions and rope_type default: no YaRN, plain 1/sqrt(d) softmax scale."""
+    from minidsv3.layers import precompute_freqs_cis, rope_inv_freq, softmax_scale, uses_yarn
+    d = v5_file(rope_type="default", rope_theta=50000.0)
+    d["max_position_embeddings"] = 8192
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_theta == 50000.0 and cfg.rope_scaling is None and not uses_yarn(cfg)
+    assert softmax_scale(cfg) == cfg.qk_head_dim ** -0.5
+    angle = precompute_freqs_cis(cfg, 2)[1].angle().double()  # position 1: theta_i itself
+    assert torch.allclose(angle, rope_inv_freq(cfg.qk_rope_head_dim, 50000.0), atol=1e-7)
+
+
+def test_v5_layout_yarn_equals_the_release_layout():
+    yarn = dict(factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                mscale=0.707, mscale_all_dim=0.707)
+    v5 = ModelConfig.from_dict({**v5_file(rope_type="yarn", rope_theta=25000.0, **yarn),
+                                "max_position_embeddings": 8192})
+    old = ModelConfig.from_dict({**ModelConfig.preset("tiny").to_hf_dict(), "rope_theta": 25000.0,
+                                 "rope_scaling": {"type": "yarn", **yarn},
+                                 "max_position_embeddings": 8192})
+    assert v5 == old and v5.rope_theta == 25000.0
+    assert v5.rope_scaling == RopeScaling(40, 4096, 32, 1, 0.707, 0.707)
+
+
+def test_the_release_layout_with_other_theta_and_no_scaling():
+    d = {**ModelConfig.preset("tiny").to_hf_dict(), "rope_theta": 50000.0}
+    del d["rope_scaling"]  # absent means plain RoPE to HF, not V3's YaRN block
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.rope_theta == 50000.0 and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("d, match", [
+    (v5_file(rope_type="linear", factor=2.0, rope_theta=1e4), "rope_type='linear' is not impl"),
+    (v5_file(rope_type="llama3", rope_theta=1e4), "'llama3' is not implemented"),
+    ({**v5_file(rope_type="default", rope_theta=5e4), "rope_theta": 1e4}, "layouts disagree"),
+    ({**v5_file(rope_type="yarn", type="default", factor=4.0)}, "rope_type and type disagree"),
+    ({**v5_file(rope_type="default"), "rope_parameters": [1, 2]}, "must be a JSON object"),
+    ({**ModelConfig.preset("tiny").to_hf_dict(), "rope_scaling": {"type": "dynamic"}},
+     "'dynamic' is not implemented"),
+    ({**ModelConfig.preset("tiny").to_hf_dict(), "rope_interleave": False}, "rope_interleave"),
+    ({**ModelConfig.preset("tiny").to_hf_dict(), "moe_layer_freq": 2}, "moe_layer_freq"),
+    ({**ModelConfig.preset("tiny").to_hf_dict(), "topk_method": "greedy"}, "n_group"),
+    ({**ModelConfig.preset("tiny", n_group=1, topk_group=1).to_hf_dict(), "topk_method": "greedy"},
+     "deepseek_v3 models route with noaux_tc"),
+])
+def test_config_files_that_cannot_be_read_faithfully_are_refused(d, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(d)
+
+
+def test_v2_file_without_mtp_field_has_no_mtp():
+    d = ModelConfig.preset("deepseek-v2-lite").to_hf_dict()
+    del d["num_nextn_predict_layers"], d["topk_method"], d["norm_topk_prob"]
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.num_nextn_predict_layers == 0 and cfg.topk_method == "greedy"
+    assert cfg.norm_topk_prob is False  # softmax: the release does not renormalise
+
+
+def test_yarn_file_without_mscale_all_dim_means_zero_as_in_hf():
+    d = ModelConfig.preset("tiny").to_hf_dict()
+    d["rope_scaling"] = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16}
+    assert ModelConfig.from_dict(d).rope_scaling.mscale_all_dim == 0.0

@@ -1,6 +1,7 @@
 """Cached generation, MTP speculative decoding, cache accounting and the sample CLI."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -292,3 +293,50 @@ def test_sample_cli_streams_the_greedy_text(tmp_path, capsys, random_models):
     assert sample_main(["--run", str(run), "--prompt", "a", "--tokens", "100", "--seed", "1"]) == 0
     out, err = capsys.readouterr()
     assert len(out) == 64 + 1 and "63 new tokens fit" in err  # stops at the context length
+
+
+def wilson_hilferty_chi2(dof: int, z: float = 3.09) -> float:
+    """The chi-squared value exceeded with probability ~0.001 (z = 3.09), Wilson-Hilferty."""
+    a = 2 / (9 * dof)
+    return dof * (1 - a + z * a ** 0.5) ** 3
+
+
+def test_sampled_speculative_decoding_with_two_depths_follows_the_main_model(monkeypatch):
+    """Chi-squared over 1,500 seeded runs: the first three new tokens of speculative
+    sampling with D = 2 are distributed as the main model's own chain.
+
+    With 4 new tokens the first round drafts two tokens; when the first is kept and the
+    second rejected (about one run in five), the third token comes from the residual
+    norm(max(0, p_2 - q_2)) -- the branch a wrong residual would bias. Both the joint of
+    the three tokens (64 cells) and of the last two (16 cells) are tested.
+    """
+    cfg = ModelConfig.preset("tiny", vocab_size=4, num_hidden_layers=1,
+                             num_nextn_predict_layers=2, initializer_range=0.25,
+                             max_position_embeddings=16)
+    set_seed(0)
+    model = DeepSeekV3(cfg).eval()
+    generate_module = importlib.import_module("minidsv3.generate")
+    paths = []  # (drafts verified, drafts kept) per round
+
+    def spy(p, q, drafts, sampler):
+        result = accept_or_resample(p, q, drafts, sampler)
+        paths.append((len(drafts), result[0]))
+        return result
+
+    monkeypatch.setattr(generate_module, "accept_or_resample", spy)
+    prompt, n = [1, 2], 1500
+    counts = torch.zeros(4, 4, 4)
+    for seed in range(n):
+        new = generate(model, prompt, 4, temperature=1.0, seed=seed, speculative=True).tokens
+        counts[new[0], new[1], new[2]] += 1
+    assert paths.count((2, 1)) > 150  # first draft kept, second resampled from the residual
+    with torch.no_grad():  # the exact joint p(a) p(b | a) p(c | a, b) from full forwards
+        p_a = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)  # (V,)
+        seqs = torch.tensor([prompt + [a, b] for a in range(4) for b in range(4)])  # (16, 4)
+        p = model(seqs).logits.softmax(-1)  # (16, 4, V)
+        p_b = p[::4, -2]  # (a, V): p(b | a), read from the sequences with b = 0
+        p_c = p[:, -1].reshape(4, 4, 4)  # (a, b, V): p(c | a, b)
+    expected = n * p_a[:, None, None] * p_b[:, :, None] * p_c
+    for observed, exp, dof in [(counts, expected, 63), (counts.sum(0), expected.sum(0), 15)]:
+        chi2 = ((observed - exp) ** 2 / exp).sum().item()
+        assert chi2 < wilson_hilferty_chi2(dof), (chi2, dof)

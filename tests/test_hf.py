@@ -61,7 +61,8 @@ def random_checkpoint(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
             experts = {f"{p}.mlp": cfg.intermediate_size}
         else:
             sd[f"{p}.mlp.gate.weight"] = mat(cfg.n_routed_experts, d, std=0.5)
-            sd[f"{p}.mlp.gate.e_score_correction_bias"] = mat(cfg.n_routed_experts, std=0.1)
+            if cfg.topk_method == "noaux_tc":  # V2 checkpoints have no routing bias
+                sd[f"{p}.mlp.gate.e_score_correction_bias"] = mat(cfg.n_routed_experts, std=0.1)
             experts = {f"{p}.mlp.experts.{j}": cfg.moe_intermediate_size
                        for j in range(cfg.n_routed_experts)}
             experts[f"{p}.mlp.shared_experts"] = cfg.moe_intermediate_size * cfg.n_shared_experts
@@ -91,7 +92,7 @@ def ref_inv_freq(cfg):
     freq_extra = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     y = cfg.rope_scaling
     if y is None or cfg.max_position_embeddings <= y.original_max_position_embeddings:
-        return freq_extra, 1.0
+        return freq_extra, 1.0, 1.0
     freq_inter = freq_extra / y.factor
 
     def correction_dim(rotations):
@@ -102,18 +103,19 @@ def ref_inv_freq(cfg):
     high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
     extrapolate = 1 - ramp
-    mscale = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0
-    return freq_inter * (1 - extrapolate) + freq_extra * extrapolate, mscale
+    mscale = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0  # on the softmax scale
+    cos_factor = (0.1 * y.mscale * math.log(y.factor) + 1.0) / mscale  # on cos and sin
+    return freq_inter * (1 - extrapolate) + freq_extra * extrapolate, mscale, cos_factor
 
 
-def ref_rope(x, positions, inv_freq):
+def ref_rope(x, positions, inv_freq, cos_factor=1.0):
     """HF style: de-interleave (x0, x1, x2, x3..) -> (x0, x2.., x1, x3..), then rotate halves."""
     T, H, D = x.shape
     x = x.reshape(T, H, D // 2, 2).transpose(2, 3).reshape(T, H, D)
     angles = positions[:, None].double() * inv_freq[None]  # (T, D/2)
     emb = torch.cat([angles, angles], dim=-1)[:, None]  # (T, 1, D)
     rotated = torch.cat([-x[..., D // 2:], x[..., : D // 2]], dim=-1)
-    return x * emb.cos() + rotated * emb.sin()
+    return (x * emb.cos() + rotated * emb.sin()) * cos_factor
 
 
 def ref_mlp(sd, p, x):
@@ -134,10 +136,10 @@ def ref_attention(sd, p, cfg, x):
     kv_a = x @ sd[f"{p}.kv_a_proj_with_mqa.weight"].T  # (T, c + rope)
     latent = rms(kv_a[:, :c], sd[f"{p}.kv_a_layernorm.weight"], cfg.rms_norm_eps)
     kv = (latent @ sd[f"{p}.kv_b_proj.weight"].T).reshape(T, H, nope + cfg.v_head_dim)
-    inv_freq, mscale = ref_inv_freq(cfg)
+    inv_freq, mscale, cos_factor = ref_inv_freq(cfg)
     pos = torch.arange(T)
-    q_pe = ref_rope(q[..., nope:], pos, inv_freq)  # (T, H, rope)
-    k_pe = ref_rope(kv_a[:, None, c:], pos, inv_freq)[:, 0]  # (T, rope), one for all heads
+    q_pe = ref_rope(q[..., nope:], pos, inv_freq, cos_factor)  # (T, H, rope)
+    k_pe = ref_rope(kv_a[:, None, c:], pos, inv_freq, cos_factor)[:, 0]  # (T, rope), all heads
     scale = (nope + rope) ** -0.5 * mscale * mscale
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     heads = []
@@ -151,18 +153,25 @@ def ref_attention(sd, p, cfg, x):
 
 
 def ref_moe(sd, p, cfg, x):
+    """V3 (sigmoid, bias, top-2-sum groups, renormalised) or V2 (softmax, max groups, raw)."""
     E, G = cfg.n_routed_experts, cfg.n_group
     per_group = E // G
     out = torch.zeros_like(x)
+    bias = sd.get(f"{p}.gate.e_score_correction_bias")
     for t in range(x.shape[0]):
-        s = torch.sigmoid(sd[f"{p}.gate.weight"] @ x[t])  # (E,)
-        biased = s + sd[f"{p}.gate.e_score_correction_bias"]
-        group_score = [biased[g * per_group:(g + 1) * per_group].topk(2).values.sum()
-                       for g in range(G)]
+        logits = sd[f"{p}.gate.weight"] @ x[t]  # (E,)
+        s = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        biased = s if bias is None else s + bias
+        if bias is not None:
+            group_score = [biased[g * per_group:(g + 1) * per_group].topk(2).values.sum()
+                           for g in range(G)]
+        else:
+            group_score = [biased[g * per_group:(g + 1) * per_group].max() for g in range(G)]
         groups = torch.stack(group_score).topk(cfg.topk_group).indices.tolist()
         allowed = [e for e in range(E) if e // per_group in groups]
         chosen = sorted(allowed, key=lambda e: -biased[e].item())[: cfg.num_experts_per_tok]
-        weights = s[chosen] / s[chosen].sum() * cfg.routed_scaling_factor
+        weights = s[chosen] / (s[chosen].sum() if cfg.norm_topk_prob else 1)
+        weights = weights * cfg.routed_scaling_factor
         for w, e in zip(weights, chosen):
             out[t] += w * ref_mlp(sd, f"{p}.experts.{e}", x[t])
         out[t] += ref_mlp(sd, f"{p}.shared_experts", x[t])
@@ -186,6 +195,8 @@ def reference_logits(sd, cfg, tokens):
     for i in range(L):
         h = ref_layer(sd, i, cfg, h)
     logits = rms(h, sd["model.norm.weight"], eps) @ sd["lm_head.weight"].T
+    if not cfg.num_nextn_predict_layers:  # V2: no MTP module
+        return logits, None
     p = f"model.layers.{L}"
     emb = sd[f"{p}.embed_tokens.weight"][tokens[1:]]  # t_{i+1}
     merged = torch.cat([rms(emb, sd[f"{p}.enorm.weight"], eps),
@@ -199,15 +210,27 @@ def reference_logits(sd, cfg, tokens):
 def model_logits(model, tokens):
     """The same two sets of logits through the package (uncached, as in training)."""
     out = model(tokens[None])
+    if not model.mtp:
+        return out.logits[0], None
     T, mtp = tokens.shape[0], model.mtp[0]
     h1, _ = mtp(out.hidden[:, :-1], model.embed_tokens(tokens[None, 1:]), model.freqs_cis[: T - 1])
     return out.logits[0], model.lm_head(mtp.norm(h1))[0]
 
 
-def write_checkpoint(path, sd, cfg, **config_extra):
+def write_checkpoint(path, sd, cfg, v5_layout=False, **config_extra):
+    """The weights, and config.json in the release's layout or transformers-5's."""
     path.mkdir(parents=True, exist_ok=True)
     save_file(sd, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), **config_extra}))
+    config = cfg.to_hf_dict()
+    if v5_layout:
+        yarn = config.pop("rope_scaling")
+        config["rope_parameters"] = {"rope_theta": config.pop("rope_theta"),
+                                     **({"rope_type": "yarn", **yarn} if yarn else
+                                        {"rope_type": "default"})}
+        config["rope_parameters"].pop("type", None)
+    if cfg.model_type == "deepseek_v2":  # V2 files have no MTP field at all
+        del config["num_nextn_predict_layers"]
+    (path / "config.json").write_text(json.dumps({**config, **config_extra}))
 
 
 # ---------------------------------------------------------------- FP8 by hand
@@ -250,18 +273,37 @@ def test_fp8_block_dequantisation_with_edge_blocks():
 
 # ---------------------------------------------------------------- loading a foreign checkpoint
 
-@pytest.mark.parametrize("q_lora_rank", [16, 0])
-def test_foreign_checkpoint_matches_independent_reference(tmp_path, q_lora_rank):
-    cfg = CFG.replace(q_lora_rank=q_lora_rank)
+# The V2 members at tiny width: V2's softmax gate with max-score groups and route scale 16,
+# V2-Lite's greedy top-k without query LoRA; both YaRN with mscale 0.707, no MTP.
+V2_YARN = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+FAMILY = {
+    "v3": CFG,
+    "v3-no-q-lora": CFG.replace(q_lora_rank=0),
+    "v3-cos-factor": CFG.replace(rope_scaling={**YARN, "mscale_all_dim": 0.707}),
+    "v2": CFG.replace(scoring_func="softmax", topk_method="group_limited_greedy",
+                      norm_topk_prob=False, routed_scaling_factor=16.0, rope_scaling=V2_YARN,
+                      num_nextn_predict_layers=0),
+    "v2-lite": CFG.replace(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                           norm_topk_prob=False, routed_scaling_factor=1.0, q_lora_rank=0,
+                           rope_scaling=V2_YARN, num_nextn_predict_layers=0),
+}
+
+
+@pytest.mark.parametrize("v5_layout", [False, True], ids=["release-layout", "v5-layout"])
+@pytest.mark.parametrize("member", FAMILY)
+def test_foreign_checkpoint_matches_independent_reference(tmp_path, member, v5_layout):
+    cfg = FAMILY[member]
     sd = random_checkpoint(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (12,))
     ref, ref_mtp = reference_logits(sd, cfg, tokens)
-    write_checkpoint(tmp_path, sd, cfg)
+    write_checkpoint(tmp_path, sd, cfg, v5_layout=v5_layout)
     model = load_pretrained(tmp_path)
+    assert model.cfg == cfg
     logits, mtp_logits = model_logits(model, tokens)
     assert ref.std() > 1  # logits far from trivial, so agreement means something
     torch.testing.assert_close(logits.double(), ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mtp_logits.double(), ref_mtp, rtol=1e-4, atol=1e-4)
+    if ref_mtp is not None:
+        torch.testing.assert_close(mtp_logits.double(), ref_mtp, rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_checkpoint_is_dequantised_on_load(tmp_path):
@@ -425,7 +467,7 @@ def test_other_architecture_and_pickles_are_refused(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(llama))
-    with pytest.raises(ValueError, match="not a DeepSeek-V3 checkpoint"):
+    with pytest.raises(ValueError, match="not a DeepSeek-V3 or V2 checkpoint"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": {
         "quant_method": "gptq"}}))

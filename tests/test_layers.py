@@ -3,7 +3,7 @@ import math
 import torch
 from torch.testing import assert_close
 
-from minidsv3 import ModelConfig
+from minidsv3 import DeepSeekV3, ModelConfig
 from minidsv3.config import RopeScaling
 from minidsv3.layers import (
     RMSNorm,
@@ -86,3 +86,40 @@ def test_yarn_released_config_by_hand():
     assert math.isclose(yarn_mscale(40, 1.0), mscale)
     cfg = ModelConfig.preset("deepseek-v3")
     assert math.isclose(softmax_scale(cfg), mscale**2 / math.sqrt(192))
+
+
+def test_yarn_frequency_of_a_blended_pair_by_hand():
+    """Pair 16 of the released config lies strictly inside the ramp (10, 23).
+
+    theta_16 = 1e4^(-32/64) = 0.01; ramp = (16 - 10) / (23 - 10) = 6/13 interpolated,
+    so theta' = 0.01/40 * 6/13 + 0.01 * 7/13 = 0.01 * 286/520 = 0.0055.
+    """
+    yarn = yarn_inv_freq(RopeScaling(), 64, 1e4)
+    assert math.isclose(yarn[16].item(), 0.0055, rel_tol=1e-12)
+    cfg = ModelConfig.preset("deepseek-v3")
+    angle_at_1000 = precompute_freqs_cis(cfg, 1001)[1000, 16].angle().item()
+    assert math.isclose(angle_at_1000, math.remainder(1000 * 0.0055, 2 * math.pi), abs_tol=1e-5)
+
+
+def test_yarn_attention_factor_when_mscale_differs_from_mscale_all_dim():
+    """HF's convention: |rotation| = mscale(s, mscale) / mscale(s, mscale_all_dim),
+    softmax scale x mscale(s, mscale_all_dim)^2; the released configs make the first 1."""
+    cfg = ModelConfig.preset("tiny", max_position_embeddings=64, rope_scaling=RopeScaling(
+        factor=40, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=0.707))
+    ratio = (0.1 * math.log(40) + 1) / (0.0707 * math.log(40) + 1)
+    assert_close(precompute_freqs_cis(cfg).abs(), torch.full((64, 2), ratio))
+    assert math.isclose(softmax_scale(cfg), (0.0707 * math.log(40) + 1) ** 2 / math.sqrt(12))
+    for name in ("deepseek-v3", "deepseek-v2"):
+        released = precompute_freqs_cis(ModelConfig.preset(name), 8)
+        assert_close(released.abs(), torch.ones(8, 32))
+
+
+def test_rope_on_an_odd_width_split():
+    """An odd kv_lora_rank leaves k_R at an odd offset; RoPE must still work there."""
+    cfg = ModelConfig.preset("tiny", kv_lora_rank=7, qk_nope_head_dim=5)
+    freqs = precompute_freqs_cis(cfg, 6)
+    x = torch.randn(2, 6, 3, 7 + cfg.qk_rope_head_dim)
+    odd_slice = x[..., 7:]  # storage offset 7, like kv_a_proj_with_mqa's split
+    assert_close(apply_rotary_emb(odd_slice, freqs), apply_rotary_emb(odd_slice.clone(), freqs))
+    out = DeepSeekV3(cfg)(torch.randint(0, cfg.vocab_size, (2, 6)))
+    assert torch.isfinite(out.logits).all()

@@ -106,3 +106,25 @@ def test_cache_overflow_and_mode_mismatch_are_clear():
         attn(torch.randn(1, 5, cfg.hidden_size), freqs[:5], 0, cache, "absorbed")
     with pytest.raises(ValueError, match="allocated for mode 'absorbed'"):
         attn(torch.randn(1, 2, cfg.hidden_size), freqs[:2], 0, cache, "naive")
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+@pytest.mark.parametrize("prefix, chunk", [(5, 3), (1, 7), (7, 1)])
+def test_a_chunk_after_a_filled_cache_equals_the_uncached_forward(mode, prefix, chunk):
+    """Speculative verification and chunked prefill: several new tokens at once, after a
+    prefix already in the cache. Each new token must see the prefix and the chunk's
+    earlier tokens, nothing after it and nothing beyond what was written: unwritten cache
+    positions are filled with garbage so that reading them shows."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", initializer_range=0.1)
+    model = DeepSeekV3(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, prefix + chunk))
+    with torch.no_grad():
+        full = model(tokens).logits  # uncached, naive path, as in training
+        caches = model.allocate_caches(2, prefix + chunk + 4, mode)
+        for cache in caches:
+            cache.first.normal_(0, 100)
+            cache.second.normal_(0, 100)
+        model(tokens[:, :prefix], caches=caches, attn_mode=mode)
+        out = model(tokens[:, prefix:], start_pos=prefix, caches=caches, attn_mode=mode).logits
+    assert_close(out, full[:, prefix:], atol=1e-5, rtol=1e-4)

@@ -11,22 +11,43 @@ CFG = ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2,
 
 
 def reference_route(cfg, s, bias):
-    """Token-by-token routing written from the report's rules with Python lists."""
+    """Token-by-token routing written from the release's rules with Python lists.
+
+    noaux_tc (V3): biased scores, group score = sum of the two best in the group;
+    group_limited_greedy (V2): group score = the best score in the group, no bias;
+    greedy (V2-Lite): top-k over all experts. Weights come from the unbiased scores,
+    renormalised only when norm_topk_prob, then times routed_scaling_factor.
+    """
     per_group = cfg.n_routed_experts // cfg.n_group
     all_idx, all_w = [], []
     for scores in s.tolist():
-        biased = [a + b for a, b in zip(scores, bias.tolist())]
+        biased = [a + b for a, b in zip(scores, bias.tolist())] if bias is not None else scores
         group_score = []
         for g in range(cfg.n_group):
             members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
-            group_score.append(members[0] + members[1])
+            if cfg.topk_method == "noaux_tc":
+                group_score.append(members[0] + members[1])
+            else:
+                group_score.append(members[0])
         kept = sorted(range(cfg.n_group), key=lambda g: -group_score[g])[:cfg.topk_group]
+        if cfg.topk_method == "greedy":
+            kept = range(cfg.n_group)
         candidates = [e for e in range(cfg.n_routed_experts) if e // per_group in kept]
         chosen = sorted(candidates, key=lambda e: -biased[e])[:cfg.num_experts_per_tok]
-        total = sum(scores[e] for e in chosen)
+        total = sum(scores[e] for e in chosen) if cfg.norm_topk_prob else 1.0
         all_idx.append(sorted(chosen))
         all_w.append({e: scores[e] / total * cfg.routed_scaling_factor for e in chosen})
     return all_idx, all_w
+
+
+def assert_routes_like_reference(gate, x):
+    weights, idx, s = gate(x)
+    ref_idx, ref_w = reference_route(gate.cfg, s, gate.e_score_correction_bias)
+    for t in range(len(x)):
+        assert sorted(idx[t].tolist()) == ref_idx[t]
+        for slot, e in enumerate(idx[t].tolist()):
+            assert abs(weights[t, slot].item() - ref_w[t][e]) < 1e-5
+    return s
 
 
 def test_gate_matches_the_written_out_rule():
@@ -34,13 +55,62 @@ def test_gate_matches_the_written_out_rule():
     gate.weight.data.normal_(0, 0.5)
     gate.e_score_correction_bias.normal_(0, 0.2)
     x = torch.randn(40, CFG.hidden_size)
-    weights, idx, s = gate(x)
+    s = assert_routes_like_reference(gate, x)
     assert_close(s, torch.sigmoid(x @ gate.weight.T))
-    ref_idx, ref_w = reference_route(CFG, s, gate.e_score_correction_bias)
-    for t in range(40):
-        assert sorted(idx[t].tolist()) == ref_idx[t]
-        for slot, e in enumerate(idx[t].tolist()):
-            assert abs(weights[t, slot].item() - ref_w[t][e]) < 1e-5
+
+
+# The V2 layouts at unit-test width: V2's 8 groups / 3 kept / route scale 16 (here 4 / 2),
+# and V2-Lite's plain greedy top-k; both softmax, no bias, weights not renormalised.
+V2 = CFG.replace(scoring_func="softmax", topk_method="group_limited_greedy",
+                 norm_topk_prob=False, routed_scaling_factor=16.0)
+V2_LITE = CFG.replace(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                      norm_topk_prob=False, routed_scaling_factor=1.0)
+
+
+@pytest.mark.parametrize("cfg", [V2, V2_LITE, V2.replace(scoring_func="sigmoid")],
+                         ids=["v2", "v2-lite", "group_limited_greedy-sigmoid"])
+def test_family_gates_match_the_written_out_rule(cfg):
+    gate = Gate(cfg)
+    assert gate.e_score_correction_bias is None  # V2 checkpoints have no bias
+    gate.weight.data.normal_(0, 0.5)
+    x = torch.randn(200, cfg.hidden_size)
+    s = assert_routes_like_reference(gate, x)
+    if cfg.scoring_func == "softmax":
+        assert_close(s, F.softmax(x @ gate.weight.T, dim=-1))
+
+
+def test_group_score_rule_max_versus_top2_sum():
+    """Group A = [0.9, 0.0] beats B = [0.5, 0.45] by its maximum, loses by its top-2 sum."""
+    scores = torch.tensor([[0.9, 0.0, 0.5, 0.45]])
+    cfg = CFG.replace(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=2)
+    v3 = Gate(cfg).select(scores)
+    v2 = Gate(cfg.replace(topk_method="group_limited_greedy")).select(scores)
+    assert sorted(v3[0].tolist()) == [2, 3]  # 0.95 > 0.9: group B
+    assert sorted(v2[0].tolist()) == [0, 1]  # 0.9 > 0.5: group A, -inf elsewhere
+
+
+def test_v2_routing_differs_from_the_v3_group_rule_on_many_tokens():
+    """Why the rule matters: at DeepSeek-V2's own width (160 experts, 8 groups, 3 kept)
+    the top-2-sum rule would send about 30% of tokens to other experts."""
+    cfg = ModelConfig.preset("deepseek-v2")
+    gate = Gate(cfg)
+    gate.weight.data.normal_(0, 0.02)
+    s = gate.scores(torch.randn(500, cfg.hidden_size, generator=torch.Generator().manual_seed(0)))
+    v2 = gate.select(s).sort(-1).values
+    v3 = Gate(cfg.replace(topk_method="noaux_tc")).select(s).sort(-1).values
+    assert (v2 != v3).any(-1).float().mean() > 0.2
+
+
+def test_norm_topk_prob_defaults_follow_the_released_configs():
+    assert ModelConfig.preset("tiny").norm_topk_prob is True  # sigmoid: V3 renormalises
+    assert ModelConfig.preset("tiny", scoring_func="softmax").norm_topk_prob is False  # V2
+    assert ModelConfig.preset("tiny", scoring_func="softmax", norm_topk_prob=True).norm_topk_prob
+
+
+def test_bias_update_needs_the_v3_rule():
+    moe = MoE(V2)
+    with pytest.raises(ValueError, match="noaux_tc"):
+        moe.update_bias(0.001)
 
 
 def test_bias_changes_selection_but_not_the_weights():
@@ -152,3 +222,19 @@ def test_a_standalone_gate_is_initialised():
     gate = Gate(CFG)
     assert torch.isfinite(gate.weight).all()
     assert 0.5 * CFG.initializer_range < gate.weight.std() < 2 * CFG.initializer_range
+
+
+def test_sequence_wise_loss_is_per_sequence_not_pooled():
+    """Two sequences that route differently, by hand (N_r = 4, K_r = 1, T = 2).
+
+    Sequence 0 sends both tokens to expert 0: f = 4/(1*2) * [2, 0, 0, 0] = [4, 0, 0, 0];
+    its normalised scores [.4 .2 .2 .2] and [.6 .2 .1 .1] average to P_0 = .5: L = 2.0.
+    Sequence 1 sends both to expert 1: P_1 = mean(.6, .45) = .525, L = 2.1. Mean: 2.05.
+    Pooling the batch first would give f = [2, 2, 0, 0], P = [.3125, .3625]: 1.35.
+    """
+    scores = torch.tensor([[[0.8, 0.4, 0.4, 0.4], [0.6, 0.2, 0.1, 0.1]],
+                           [[0.2, 0.6, 0.1, 0.1], [0.1, 0.9, 0.5, 0.5]]])
+    topk = torch.tensor([[[0], [0]], [[1], [1]]])
+    assert_close(balance_loss(scores, topk), torch.tensor(2.05))
+    pooled = balance_loss(scores.reshape(1, 4, 4), topk.reshape(1, 4, 1))
+    assert_close(pooled, torch.tensor(1.35))

@@ -37,7 +37,7 @@ def table_from_module(model: DeepSeekV3) -> dict[str, tuple[int, Fraction]]:
     cfg = model.cfg
     rows = {part: [0, Fraction(0)] for part in S.PARTS}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "freqs_cis" or name.endswith("expert_load"):
+        if name == "rope.freqs_cis" or name.endswith("expert_load"):
             continue  # derived or transient buffers, not in the checkpoint
         part = next(p for key, p in NAME_RULES if key in name) if "mtp." not in name else None
         share = Fraction(1)
@@ -69,6 +69,19 @@ def test_parameter_table_matches_checkpoint_names_at_released_widths(released_wi
 ])
 def test_parameter_table_matches_checkpoint_names_for_small_configs(overrides):
     assert_table_matches(DeepSeekV3(ModelConfig.preset("tiny", **overrides)))
+
+
+@pytest.mark.parametrize("name, total_billions, digits",
+                         [("deepseek-v2", 236, 0), ("deepseek-v2-lite", 15.7, 1)])
+def test_v2_family_counts_at_released_widths(name, total_billions, digits):
+    """V2 (236B) and V2-Lite (15.7B) as their paper states them (arXiv 2405.04434); the
+    formula is checked tensor by tensor at the real widths on the meta device."""
+    cfg = ModelConfig.preset(name)
+    with torch.device("meta"):
+        assert_table_matches(DeepSeekV3(cfg.replace(num_hidden_layers=3)))
+    counts = S.parameter_counts(cfg)
+    assert counts.routing_biases == 0 and counts.mtp_unique == 0  # no bias, no MTP in V2
+    assert round(counts.total / 1e9, digits) == total_billions
 
 
 def test_parameter_table_of_released_config_by_hand():
@@ -193,7 +206,7 @@ def weight_bytes_from_module(model: DeepSeekV3, fmt: str) -> int:
     """Bytes by tensor name: block linears in FP8 + 128x128 FP32 scales, biases FP32."""
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "freqs_cis" or name.endswith("expert_load"):
+        if name == "rope.freqs_cis" or name.endswith("expert_load"):
             continue
         if name.endswith("e_score_correction_bias"):
             total += 4 * t.numel()
