@@ -235,6 +235,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a (possibly HF) dict; unknown keys such as ``torch_dtype`` are ignored."""
+        if not isinstance(d, dict):  # dict([]) would silently give the 671B defaults
+            raise ValueError(f"a model config must be a JSON object {{...}}; got {d!r:.60}")
         d = dict(d)
         if d.get("model_type", "deepseek_v3") != "deepseek_v3":
             raise ValueError(

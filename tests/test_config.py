@@ -73,6 +73,12 @@ def test_from_dict_reads_a_released_style_config():
     assert cfg.rope_scaling.factor == 4
 
 
+@pytest.mark.parametrize("d", [[], [("hidden_size", 8)], "{}", None])
+def test_from_dict_needs_a_dict(d):
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ModelConfig.from_dict(d)
+
+
 def test_other_architecture_is_refused():
     with pytest.raises(ValueError, match="llama"):
         ModelConfig.from_dict({"model_type": "llama", "hidden_size": 8})
