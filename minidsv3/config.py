@@ -29,6 +29,10 @@ from typing import Any
 # fails at once, when its memory is allocated.
 MAX_BLOCKS = 1024  # num_hidden_layers + num_nextn_predict_layers (release: 61 + 1)
 MAX_ROUTED_EXPERTS = 2**16  # routed experts over all MoE blocks (release: 59 x 256 = 15,104)
+# Multipliers (loss weights, routed_scaling_factor, YaRN's mscale) stay within six orders
+# of magnitude of any released value (0.3, 1e-4, 2.5, 1.0): past that, float32 products
+# overflow to inf and the loss becomes NaN.
+COEFFICIENT_MAX = 1e6
 # YaRN's betas count rotations over the original context (V3: 32 and 1). Their pair index
 # ln(L / (2 pi beta)) overflows near 1e-308 and 1e308; this range keeps it finite with
 # room to spare (past L / 2pi rotations every beta_fast selects the same pairs anyway).
@@ -57,7 +61,7 @@ class RopeScaling:
         for name in ("beta_fast", "beta_slow"):
             _check_number(f"rope_scaling.{name}", getattr(self, name), low, True, high)
         for name in ("mscale", "mscale_all_dim"):
-            _check_number(f"rope_scaling.{name}", getattr(self, name), 0, inclusive=True)
+            _check_number(f"rope_scaling.{name}", getattr(self, name), 0, True, COEFFICIENT_MAX)
         if not self.beta_fast > self.beta_slow:
             raise ValueError(
                 f"rope_scaling.beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: "
@@ -162,11 +166,15 @@ class ModelConfig:
                 f"topk_group={self.topk_group}: group-limited routing keeps only {kept} experts, "
                 f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
             )
-        for name in ("rms_norm_eps", "routed_scaling_factor", "initializer_range"):
-            _check_number(name, getattr(self, name), 0)
+        _check_number("rms_norm_eps", self.rms_norm_eps, 0)
         _check_number("rope_theta", self.rope_theta, 1)  # theta_i = base^(-2i/d) needs base > 1
+        _check_number("routed_scaling_factor", self.routed_scaling_factor, 0,
+                      high=COEFFICIENT_MAX)
+        # An init std past 1 gives untrained logits in the hundreds; near 100 the sigmoid
+        # router's weights underflow to 0 and their normalisation to 0/0 = NaN.
+        _check_number("initializer_range", self.initializer_range, 0, high=1)
         for name in ("mtp_loss_lambda", "aux_loss_alpha", "expert_aux_loss_alpha"):
-            _check_number(name, getattr(self, name), 0, inclusive=True)
+            _check_number(name, getattr(self, name), 0, True, COEFFICIENT_MAX)
         self._check_module_counts()
 
     def _check_module_counts(self) -> None:

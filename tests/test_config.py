@@ -120,6 +120,12 @@ def test_rope_scaling_floats_refuse_non_finite_and_non_numbers(field, value):
     (dict(rope_scaling={"original_max_position_embeddings": "4096"}),
      "rope_scaling.original_max_position_embeddings"),
     (dict(rope_theta=1.0), "rope_theta"),  # ln(theta) = 0: no RoPE frequencies
+    # finite, but the forward overflows to NaN
+    (dict(rope_scaling={"mscale_all_dim": 1e200}), "rope_scaling.mscale_all_dim"),
+    (dict(mtp_loss_lambda=1e300), "mtp_loss_lambda"),
+    (dict(aux_loss_alpha=1e300), "aux_loss_alpha"),
+    (dict(routed_scaling_factor=1e39), "routed_scaling_factor"),
+    (dict(initializer_range=100.0), "initializer_range"),
 ])
 def test_more_bad_values_name_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field.replace('.', r'[.]')}="):
