@@ -29,9 +29,9 @@ from typing import Any
 # fails at once, when its memory is allocated.
 MAX_BLOCKS = 1024  # num_hidden_layers + num_nextn_predict_layers (release: 61 + 1)
 MAX_ROUTED_EXPERTS = 2**16  # routed experts over all MoE blocks (release: 59 x 256 = 15,104)
-# Multipliers (loss weights, routed_scaling_factor, YaRN's mscale) stay within six orders
-# of magnitude of any released value (0.3, 1e-4, 2.5, 1.0): past that, float32 products
-# overflow to inf and the loss becomes NaN.
+# Multipliers (loss weights, routed_scaling_factor, YaRN's mscale) are at most a few units
+# in every release (0.3, 1e-4, 2.5, 1.0). Up to COEFFICIENT_MAX the forward of the tiny and
+# toy presets stays finite; far past it float32 overflows (1e300 made the loss inf).
 COEFFICIENT_MAX = 1e6
 # YaRN's betas count rotations over the original context (V3: 32 and 1). Their pair index
 # ln(L / (2 pi beta)) overflows near 1e-308 and 1e308; this range keeps it finite with
@@ -276,6 +276,9 @@ def _rope_scaling(value: Any) -> RopeScaling | None:
         hint = (" (rope_theta is a top-level field of the config, not part of rope_scaling)"
                 if "rope_theta" in unknown else "")
         raise ValueError(f"rope_scaling: unknown key(s) {unknown}; allowed: {allowed}{hint}")
+    if value.get("rope_type", "yarn") != "yarn":  # the key is known, so its value must be too
+        raise ValueError(f"rope_scaling.rope_type={value['rope_type']!r}: only 'yarn' is "
+                         "supported")
     return RopeScaling(**_known(RopeScaling, value))
 
 

@@ -119,6 +119,7 @@ def test_rope_scaling_floats_refuse_non_finite_and_non_numbers(field, value):
     (dict(rope_scaling={"mscale_all_dim": -1.0}), "rope_scaling.mscale_all_dim"),
     (dict(rope_scaling={"original_max_position_embeddings": "4096"}),
      "rope_scaling.original_max_position_embeddings"),
+    (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling.rope_type"),  # not dropped
     (dict(rope_theta=1.0), "rope_theta"),  # ln(theta) = 0: no RoPE frequencies
     # finite, but the forward overflows to NaN
     (dict(rope_scaling={"mscale_all_dim": 1e200}), "rope_scaling.mscale_all_dim"),

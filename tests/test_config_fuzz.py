@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minidsv3 import DeepSeekV3, ModelConfig, RopeScaling
+from minidsv3 import DeepSeekV3, ModelConfig
+from minidsv3.config import ROPE_SCALING_KEYS
 
 NAN, INF = float("nan"), float("inf")
 # Wrong kinds a config.json can hold, tried on every field.
@@ -49,10 +50,10 @@ ROPE_SCALING = st.fixed_dictionaries({}, optional={
     "type": st.just("yarn"),
 })
 BAD_ROPE_SCALING = st.sampled_from([
-    [40.0], "yarn", 4, {"type": "linear"}, {"rope_theta": 1e4}, {"factor": 0.5},
-    {"factor": NAN}, {"beta_fast": INF}, {"beta_slow": 0.0}, {"beta_fast": 1.0, "beta_slow": 2.0},
-    {"mscale_all_dim": -1.0}, {"mscale_all_dim": 1e200}, {"mscale": "1"},
-    {"original_max_position_embeddings": 0}])
+    [40.0], "yarn", 4, {"type": "linear"}, {"rope_type": "linear"}, {"rope_theta": 1e4},
+    {"factor": 0.5}, {"factor": NAN}, {"beta_fast": INF}, {"beta_slow": 0.0},
+    {"beta_fast": 1.0, "beta_slow": 2.0}, {"mscale_all_dim": -1.0}, {"mscale_all_dim": 1e200},
+    {"mscale": "1"}, {"original_max_position_embeddings": 0}])
 
 FIELDS = {
     "vocab_size": count(1, 96),
@@ -94,7 +95,7 @@ ONE_BAD = NAMES.flatmap(lambda name: st.fixed_dictionaries({name: FIELDS[name][1
 CHANGES = st.builds(lambda good, bad: {**good, **bad}, IN_RANGE, st.just({}) | ONE_BAD)
 
 FIELD_NAMES = {f.name for f in dataclasses.fields(ModelConfig)} | {
-    f"rope_scaling.{f.name}" for f in dataclasses.fields(RopeScaling)}
+    f"rope_scaling.{key}" for key in ROPE_SCALING_KEYS}
 
 
 def build_and_run(changes: dict) -> str:
