@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ DEFAULT_ROPE_THETA = 10000.0  # what HF assumes when a file states no rope_theta
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 TOKEN_IDS = {"deepseek_v3": dict(bos_token_id=0, eos_token_id=1),
              "deepseek_v2": dict(bos_token_id=100000, eos_token_id=100001)}
+
+# Upper bounds on what the model builds one ``nn.Module`` at a time. Building costs about
+# 0.1 ms per module even on the meta device (the 671B release, 61,534 modules, takes ~6 s),
+# so 10^6 layers or experts would run for an hour before failing or running out of memory.
+# The bounds are ~16x the release's blocks and ~4x its experts: roomy for experiments, and
+# at most about half a minute to build. Widths (hidden_size, vocab_size, ...) need no
+# bound: on the meta device they cost nothing, and on a real device an impossible size
+# fails at once, when its memory is allocated.
+MAX_BLOCKS = 1024  # num_hidden_layers + num_nextn_predict_layers (release: 61 + 1)
+MAX_ROUTED_EXPERTS = 2**16  # routed experts over all MoE blocks (release: 59 x 256 = 15,104)
+# Multipliers (loss weights, routed_scaling_factor, YaRN's mscale) are at most a few units
+# in every release (0.3, 1e-4, 2.5, 1.0). Up to COEFFICIENT_MAX the forward of the tiny and
+# toy presets stays finite; far past it float32 overflows (1e300 made the loss inf).
+COEFFICIENT_MAX = 1e6
+# YaRN's betas count rotations over the original context (V3: 32 and 1). Their pair index
+# ln(L / (2 pi beta)) overflows near 1e-308 and 1e308; this range keeps it finite with
+# room to spare (past L / 2pi rotations every beta_fast selects the same pairs anyway).
+YARN_BETA_RANGE = (1e-9, 1e9)
 
 
 @dataclass
@@ -49,15 +68,24 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.type != "yarn":
             raise ValueError(f"rope_scaling.type={self.type!r}: only 'yarn' is supported")
-        if self.factor < 1:
-            raise ValueError(f"rope_scaling.factor={self.factor}: must be >= 1")
-        if self.original_max_position_embeddings <= 0:
-            raise ValueError("rope_scaling.original_max_position_embeddings must be positive")
-        if not self.beta_fast > self.beta_slow > 0:
+        _check_number("rope_scaling.factor", self.factor, 1, inclusive=True)
+        _check_int("rope_scaling.original_max_position_embeddings",
+                   self.original_max_position_embeddings, 1)
+        low, high = YARN_BETA_RANGE
+        for name in ("beta_fast", "beta_slow"):
+            _check_number(f"rope_scaling.{name}", getattr(self, name), low, True, high)
+        for name in ("mscale", "mscale_all_dim"):
+            _check_number(f"rope_scaling.{name}", getattr(self, name), 0, True, COEFFICIENT_MAX)
+        if not self.beta_fast > self.beta_slow:
             raise ValueError(
                 f"rope_scaling.beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: "
-                "need beta_fast > beta_slow > 0"
+                "need beta_fast > beta_slow"
             )
+
+
+# The keys a config.json rope_scaling block may hold: the fields above, plus the name
+# newer HF files use for ``type``.
+ROPE_SCALING_KEYS = {f.name for f in dataclasses.fields(RopeScaling)} | {"rope_type"}
 
 
 @dataclass
@@ -105,9 +133,7 @@ class ModelConfig:
 
     # -- validation ---------------------------------------------------------------
     def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):  # a config.json block: "yarn", or "default"
-            block = _yarn_block(self.rope_scaling, "rope_scaling")
-            self.rope_scaling = None if block is None else RopeScaling(**_known(RopeScaling, block))
+        self.rope_scaling = _rope_scaling(self.rope_scaling)
         if self.norm_topk_prob is None:
             self.norm_topk_prob = self.scoring_func == "sigmoid"
         positive = [
@@ -117,15 +143,18 @@ class ModelConfig:
             "n_group", "topk_group", "max_position_embeddings",
         ]
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+            _check_int(name, getattr(self, name), 1)
         non_negative = ["q_lora_rank", "n_shared_experts", "num_nextn_predict_layers",
                         "first_k_dense_replace"]
         for name in non_negative:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+            _check_int(name, getattr(self, name), 0)
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            _check_bool(name, getattr(self, name))
+        if self.tie_word_embeddings:
+            raise ValueError(
+                "tie_word_embeddings=True: not supported; DeepSeek-V3 keeps the embedding and "
+                "the output head untied (separate matrices), and so does minidsv3. Set it to false"
+            )
         if self.qk_rope_head_dim % 2:
             raise ValueError(
                 f"qk_rope_head_dim={self.qk_rope_head_dim}: RoPE rotates pairs, so it must be even"
@@ -168,12 +197,36 @@ class ModelConfig:
                 f"topk_group={self.topk_group}: group-limited routing keeps only {kept} experts, "
                 f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
             )
-        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
+        _check_number("rms_norm_eps", self.rms_norm_eps, 0)
+        _check_number("rope_theta", self.rope_theta, 1)  # theta_i = base^(-2i/d) needs base > 1
+        _check_number("routed_scaling_factor", self.routed_scaling_factor, 0,
+                      high=COEFFICIENT_MAX)
+        # An init std past 1 gives untrained logits in the hundreds; near 100 the sigmoid
+        # router's weights underflow to 0 and their normalisation to 0/0 = NaN.
+        _check_number("initializer_range", self.initializer_range, 0, high=1)
         for name in ("mtp_loss_lambda", "aux_loss_alpha", "expert_aux_loss_alpha"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 0")
+            _check_number(name, getattr(self, name), 0, True, COEFFICIENT_MAX)
+        self._check_module_counts()
+
+    def _check_module_counts(self) -> None:
+        """Refuse more blocks or routed experts than MAX_BLOCKS / MAX_ROUTED_EXPERTS."""
+        L, D = self.num_hidden_layers, self.num_nextn_predict_layers
+        if L + D > MAX_BLOCKS:
+            name = "num_hidden_layers" if L >= D else "num_nextn_predict_layers"
+            raise ValueError(
+                f"{name}={getattr(self, name)}: at most MAX_BLOCKS={MAX_BLOCKS} blocks in all "
+                f"(num_hidden_layers + num_nextn_predict_layers = {L + D}); each block is "
+                "built module by module, so this many would take minutes"
+            )
+        moe_blocks = L + D - self.first_k_dense_replace
+        experts = moe_blocks * self.n_routed_experts
+        if experts > MAX_ROUTED_EXPERTS:
+            raise ValueError(
+                f"n_routed_experts={self.n_routed_experts}: at most MAX_ROUTED_EXPERTS="
+                f"{MAX_ROUTED_EXPERTS:,} routed experts over all MoE blocks, and "
+                f"{moe_blocks} MoE blocks x {self.n_routed_experts} = {experts:,} (the release "
+                "has 15,104); each expert is its own module, so this many would take minutes"
+            )
 
     # -- derived sizes ------------------------------------------------------------
     @property
@@ -234,6 +287,8 @@ class ModelConfig:
         file leaves out means what it means to HF transformers: no ``rope_scaling``
         is plain RoPE, and a V2 file (which has no MTP field) has no MTP module.
         """
+        if not isinstance(d, dict):  # dict([]) would silently give the 671B defaults
+            raise ValueError(f"a model config must be a JSON object {{...}}; got {d!r:.60}")
         d = dict(d)
         model_type = d.get("model_type", "deepseek_v3")
         if model_type not in ARCHITECTURES:
@@ -320,6 +375,56 @@ def _file_yarn_block(block: dict[str, Any], where: str) -> dict[str, Any] | None
     if block is not None:
         block.setdefault("mscale_all_dim", 0.0)
     return block
+
+
+def _rope_scaling(value: Any) -> RopeScaling | None:
+    """None, a RopeScaling, or the rope_scaling object of config.json (unknown keys refused)."""
+    if value is None or isinstance(value, RopeScaling):
+        return value
+    allowed = ", ".join(sorted(ROPE_SCALING_KEYS))
+    if not isinstance(value, dict):
+        raise ValueError(f"rope_scaling={value!r}: must be null (plain RoPE) or an object of "
+                         f"YaRN fields ({allowed})")
+    unknown = sorted(map(str, set(value) - ROPE_SCALING_KEYS))
+    if unknown:
+        hint = (" (rope_theta is a top-level field of the config, not part of rope_scaling)"
+                if "rope_theta" in unknown else "")
+        raise ValueError(f"rope_scaling: unknown key(s) {unknown}; allowed: {allowed}{hint}")
+    block = _yarn_block(value, "rope_scaling")  # "yarn", "default" (= None) or refused
+    return None if block is None else RopeScaling(**_known(RopeScaling, block))
+
+
+def _is_finite_number(value: Any) -> bool:
+    """An int or a finite float; a bool or a numeric string is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large to be a float
+        return False
+
+
+def _check_number(name: str, value: Any, low: float, inclusive: bool = False,
+                  high: float = math.inf) -> None:
+    """Refuse all but a finite number above ``low`` (or equal to it if ``inclusive``), <= high."""
+    if _is_finite_number(value) and (value >= low if inclusive else value > low) \
+            and value <= high:
+        return
+    allowed = f"{'>=' if inclusive else '>'} {low:g}" + (
+        f" and <= {high:g}" if high < math.inf else "")
+    raise ValueError(f"{name}={value!r}: must be a finite number {allowed}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    """Only a real bool: the string "false" (or 0) would otherwise be read as true (or false)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be true or false (a boolean, not a string "
+                         "or a number)")
 
 
 def _known(kind: type, d: dict[str, Any]) -> dict[str, Any]:

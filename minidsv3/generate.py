@@ -20,6 +20,8 @@ warning and ``stop_reason == "max_position_embeddings"`` -- never silently wrapp
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,13 +52,17 @@ class Sampler:
     generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature={self.temperature!r}: must be a finite number >= 0 "
+                             "(0 = greedy)")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
             raise ValueError(f"top_k={self.top_k!r}: must be a positive integer or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1] or None")
+        if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r}: must be a number in (0, 1] or None")
         if self.seed is not None:
+            if not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):  # torch's range
+                raise ValueError(f"seed={self.seed!r}: must be an integer in [-2**63, 2**64) "
+                                 "or None")
             self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
@@ -68,7 +74,11 @@ class Sampler:
         logits = logits.detach().float().cpu()
         if self.greedy:
             return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        probs = (logits / self.temperature).softmax(-1)
+        # Shifting by the max leaves softmax unchanged, and float64 holds any positive
+        # temperature: then a tiny one (1e-45) sends the other logits to -inf, never the
+        # largest to inf (inf - inf = NaN), and sampling becomes greedy as it should.
+        shifted = logits.double() - logits.max(-1, keepdim=True).values.double()
+        probs = (shifted / self.temperature).softmax(-1).float()
         if self.top_k is not None and self.top_k < probs.shape[-1]:
             kept = probs.topk(self.top_k, dim=-1).indices  # (N, k)
             probs = torch.zeros_like(probs).scatter(-1, kept, probs.gather(-1, kept))
@@ -90,6 +100,15 @@ class Sampler:
     def uniform(self) -> float:
         """u ~ U[0, 1) for the accept/reject test."""
         return float(torch.rand((), generator=self.generator))
+
+
+def _is_real(value) -> bool:
+    """A real number; a bool or a numeric string is refused rather than read as one."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -120,7 +139,14 @@ class Generation:
 
 def check_prompt(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """A non-empty single sequence of valid ids -> LongTensor (1, n) on the model's device."""
-    ids = torch.as_tensor(prompt_ids)
+    if isinstance(prompt_ids, (str, bytes)):
+        raise ValueError(f"prompt_ids is a {type(prompt_ids).__name__}; pass token ids, e.g. "
+                         "tokenizer.encode(text)")
+    try:
+        ids = torch.as_tensor(prompt_ids)
+    except (TypeError, ValueError, RuntimeError) as e:  # None, strings, ragged lists...
+        raise ValueError(f"prompt_ids must be a list or 1-D tensor of token ids; got "
+                         f"{type(prompt_ids).__name__} ({e})") from None
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1 or ids.numel() == 0:
@@ -151,8 +177,12 @@ def generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor, max_ne
     cfg = model.cfg
     prompt = check_prompt(model, prompt_ids)  # (1, n)
     n = prompt.shape[1]
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not (_is_int(max_new_tokens) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if not isinstance(speculative, bool):
+        raise ValueError(f"speculative={speculative!r}: must be True or False")
+    if on_tokens is not None and not callable(on_tokens):
+        raise ValueError(f"on_tokens={on_tokens!r}: must be a function of the new tokens or None")
     if n >= cfg.max_position_embeddings:
         raise ValueError(
             f"the prompt has {n} tokens, which leaves no room below max_position_embeddings="

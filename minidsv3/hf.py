@@ -151,6 +151,9 @@ def read_config(path: Path) -> tuple[ModelConfig, tuple[int, int]]:
         d = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} must hold a JSON object {{...}} of config fields; it holds "
+                         f"{json.dumps(d)[:60]}")
     model_type = d.get("model_type")
     architecture = ARCHITECTURES.get(model_type)
     architectures = d.get("architectures") or [architecture]
@@ -163,24 +166,57 @@ def read_config(path: Path) -> tuple[ModelConfig, tuple[int, int]]:
     # [128, 128], activation_scheme: dynamic}. Only the block size matters here: FP8 weights
     # are dequantised to ``dtype`` on load, and activations are never quantised.
     quant = d.pop("quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        raise ValueError(f"{file}: quantization_config={quant!r} must be a JSON object")
     if quant and quant.get("quant_method") != "fp8":
         raise ValueError(f"{file}: quantization_config.quant_method="
                          f"{quant.get('quant_method')!r} is not supported (only 'fp8')")
-    block = tuple(quant.get("weight_block_size", (128, 128)))
+    block = _block_size(file, quant.get("weight_block_size", [128, 128]))
     try:
         return ModelConfig.from_dict(d), block
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
 
 
+def _block_size(file: Path, block) -> tuple[int, int]:
+    """quantization_config.weight_block_size: the (rows, cols) of the block one scale covers."""
+    if not (isinstance(block, list) and len(block) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
+        raise ValueError(f"{file}: quantization_config.weight_block_size={block!r} must be two "
+                         "positive integers [rows, cols] (the release has [128, 128])")
+    return tuple(block)
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads hook: a repeated key would silently keep only its last value."""
+    d: dict[str, object] = {}
+    for key, value in pairs:
+        if key in d:
+            raise ValueError(f"{key} is listed twice, in {d[key]!r} and {value!r}")
+        d[key] = value
+    return d
+
+
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a directory: from the index if there is one."""
+    """The safetensors files of a directory: from the index if there is one.
+
+    Index entries must be plain file names, so a checkpoint reads only its own directory.
+    (A plain name may still be a symlink: the HF cache links every file into its blobs/.)
+    """
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e!r})") from None
+        try:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            content = json.loads(index.read_text(encoding="utf-8"),
+                                 object_pairs_hook=_refuse_repeated_keys)
+        except ValueError as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f'{index}: needs a "weight_map" object of tensor key -> file name')
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ValueError(f"{index}: {key} -> {name!r} is not a plain file name in "
+                                 f"{path}; a checkpoint may only read its own directory")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
     elif (path / SINGLE_FILE).is_file():
         files = [path / SINGLE_FILE]
@@ -228,12 +264,16 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
 
     with ExitStack() as stack:
         header: dict[str, tuple] = {}  # key -> (open file, shape, dtype name)
+        source: dict[str, Path] = {}  # key -> the file that holds it
         for file in files:
             try:
                 f = stack.enter_context(safe_open(file, framework="pt"))
                 for k in f.keys():
+                    if k in source:
+                        raise ValueError(f"{k} is stored in both {source[k]} and {file}; a "
+                                         "checkpoint holds each tensor once")
                     s = f.get_slice(k)
-                    header[k] = (f, tuple(s.get_shape()), s.get_dtype())
+                    header[k], source[k] = (f, tuple(s.get_shape()), s.get_dtype()), file
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"{file} is not a readable safetensors file ({e}); it may be "
                                  "truncated or corrupt: download or save it again") from None
@@ -244,10 +284,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
             if device.type == "meta":
                 t = torch.empty(shape, device="meta")
             else:
-                t = f.get_tensor(key)
+                t = _finite(key, f.get_tensor(key), source)
                 if t.dtype == torch.float8_e4m3fn:
-                    scale_file = header[key + SCALE_SUFFIX][0]
-                    t = dequantize_fp8(t, scale_file.get_tensor(key + SCALE_SUFFIX), block)
+                    scale_key = key + SCALE_SUFFIX
+                    scale = _finite(scale_key, header[scale_key][0].get_tensor(scale_key), source)
+                    t = _finite(key, dequantize_fp8(t, scale, block), source)
             t = t.to(device, torch.float32 if name.endswith(KEEP_FP32) else dtype)
             if name in state:  # an MTP layer's copy of the embedding or head
                 if not t.is_meta and not torch.equal(state[name], t):
@@ -265,6 +306,17 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     if left:
         raise RuntimeError(f"load_pretrained left tensors on the wrong device: {left}")
     return model.eval()
+
+
+def _finite(key: str, t: torch.Tensor, source: dict[str, Path]) -> torch.Tensor:
+    """Refuse a tensor with NaN or inf: one such weight (or FP8 scale) makes every logit NaN."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t  # checked once dequantised (float32), where its scale is applied
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{key}: {bad} non-finite value(s) (NaN or inf) in {source[key]}; the "
+                         "file is corrupt: download or save it again")
+    return t
 
 
 def _check_keys(header: dict[str, tuple], keys: dict[str, str],

@@ -74,6 +74,12 @@ def test_from_dict_reads_a_released_style_config():
     assert cfg.rope_scaling.factor == 4
 
 
+@pytest.mark.parametrize("d", [[], [("hidden_size", 8)], "{}", None])
+def test_from_dict_needs_a_dict(d):
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ModelConfig.from_dict(d)
+
+
 def test_other_architecture_is_refused():
     with pytest.raises(ValueError, match="llama"):
         ModelConfig.from_dict({"model_type": "llama", "hidden_size": 8})
@@ -190,3 +196,92 @@ def test_yarn_file_without_mscale_all_dim_means_zero_as_in_hf():
     d = ModelConfig.preset("tiny").to_hf_dict()
     d["rope_scaling"] = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16}
     assert ModelConfig.from_dict(d).rope_scaling.mscale_all_dim == 0.0
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field", [
+    "mtp_loss_lambda", "aux_loss_alpha", "expert_aux_loss_alpha", "routed_scaling_factor",
+    "rms_norm_eps", "rope_theta", "initializer_range"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF, "0.5", True, None, [1.0]])
+def test_float_fields_refuse_non_finite_and_non_numbers(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}=.*finite number"):
+        ModelConfig.preset("tiny", **{field: value})
+
+
+@pytest.mark.parametrize("field", [
+    "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF, "2", False])
+def test_rope_scaling_floats_refuse_non_finite_and_non_numbers(field, value):
+    with pytest.raises(ValueError, match=rf"^rope_scaling\.{field}="):
+        RopeScaling(**{field: value})
+    with pytest.raises(ValueError, match=rf"^rope_scaling\.{field}="):  # the dict form too
+        ModelConfig.preset("tiny", rope_scaling={field: value})
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(rope_scaling={"beta_fast": INF}), "rope_scaling.beta_fast"),  # was "math domain error"
+    (dict(rope_scaling={"beta_fast": 2e308 / 10}), "rope_scaling.beta_fast"),
+    (dict(rope_scaling={"beta_slow": 1e-320}), "rope_scaling.beta_slow"),
+    (dict(rope_scaling={"mscale_all_dim": -1.0}), "rope_scaling.mscale_all_dim"),
+    (dict(rope_scaling={"original_max_position_embeddings": "4096"}),
+     "rope_scaling.original_max_position_embeddings"),
+    (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling.rope_type"),  # not dropped
+    (dict(rope_theta=1.0), "rope_theta"),  # ln(theta) = 0: no RoPE frequencies
+    # finite, but the forward overflows to NaN
+    (dict(rope_scaling={"mscale_all_dim": 1e200}), "rope_scaling.mscale_all_dim"),
+    (dict(mtp_loss_lambda=1e300), "mtp_loss_lambda"),
+    (dict(aux_loss_alpha=1e300), "aux_loss_alpha"),
+    (dict(routed_scaling_factor=1e39), "routed_scaling_factor"),
+    (dict(initializer_range=100.0), "initializer_range"),
+])
+def test_more_bad_values_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"^{field.replace('.', r'[.]')}="):
+        ModelConfig.preset("tiny", **changes)
+
+
+@pytest.mark.parametrize("value", [[40.0, 4096], "yarn", 40, 4.0, True])
+def test_rope_scaling_must_be_an_object_or_null(value):
+    with pytest.raises(ValueError, match="rope_scaling=.*must be null .*or an object"):
+        ModelConfig.preset("tiny", rope_scaling=value)
+
+
+@pytest.mark.parametrize("key", ["facter", "rope_theta", "attn_factor"])
+def test_unknown_rope_scaling_keys_are_refused(key):
+    with pytest.raises(ValueError, match=f"rope_scaling: unknown key.*'{key}'.*allowed.*beta_fast"):
+        ModelConfig.preset("tiny", rope_scaling={"factor": 4, key: 1.0})
+    # both spellings of the scaling type are known keys (HF writes rope_type, the release type)
+    cfg = ModelConfig.preset("tiny", rope_scaling={"rope_type": "yarn", "type": "yarn",
+                                                   "factor": 4})
+    assert cfg.rope_scaling.factor == 4
+
+
+# norm_topk_prob=None is allowed: it means "as the release does for this gate".
+@pytest.mark.parametrize("field, value", [
+    *[("norm_topk_prob", v) for v in ("false", "true", 0, 1)],
+    *[("tie_word_embeddings", v) for v in ("false", "true", 0, 1, None)]])
+def test_bool_fields_take_only_bools(field, value):
+    with pytest.raises(ValueError, match=f"^{field}=.*true or false"):
+        ModelConfig.preset("tiny", **{field: value})
+
+
+def test_tied_embeddings_are_refused():
+    with pytest.raises(ValueError, match="tie_word_embeddings=True.*untied"):
+        ModelConfig.preset("tiny", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_hidden_layers=10**6, first_k_dense_replace=1), "num_hidden_layers"),
+    (dict(num_nextn_predict_layers=10**6), "num_nextn_predict_layers"),
+    (dict(n_routed_experts=10**6, n_group=1, topk_group=1), "n_routed_experts"),
+    # each count allowed, their product (the experts actually built) not
+    (dict(num_hidden_layers=1000, n_routed_experts=512, n_group=1, topk_group=1),
+     "n_routed_experts"),
+])
+def test_absurd_sizes_are_refused_at_once(changes, field):
+    with pytest.raises(ValueError, match=f"^{field}=.*at most"):
+        ModelConfig.preset("tiny", **changes)
+    # The bounds leave room: 4x the release's layers, or its experts, still validate.
+    ModelConfig.preset("deepseek-v3", num_hidden_layers=4 * 61)
+    ModelConfig.preset("deepseek-v3", n_routed_experts=4 * 256)

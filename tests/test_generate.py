@@ -114,6 +114,17 @@ def test_sampler_distributions_by_hand():
     torch.testing.assert_close(Sampler(0).probs(logits)[0], torch.tensor([1.0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_tiny_temperatures_sample_the_argmax(random_models, temperature):
+    """logits / T overflows in float32; shifted by the max and in float64 it cannot."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0 - 1e-6]])
+    probs = Sampler(temperature).probs(logits)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    model = random_models[1]
+    out = generate(model, [1, 2], 10, temperature=temperature, seed=0)
+    assert out.tokens == greedy_without_cache(model, [1, 2], 10)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt_ids=[]), "non-empty"),
     (dict(prompt_ids=[[1, 2], [3, 4]]), "one non-empty sequence"),
@@ -127,6 +138,22 @@ def test_sampler_distributions_by_hand():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(attn_mode="flash"), "attention mode"),
+    # wrong types: each a ValueError naming the argument, not a TypeError from inside
+    (dict(prompt_ids="ROMEO:"), "prompt_ids is a str.*encode"),
+    (dict(prompt_ids=None), "prompt_ids must be"),
+    (dict(prompt_ids=["a", "b"]), "prompt_ids must be"),
+    (dict(prompt_ids=[[1], [2, 3]]), "prompt_ids must be"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_k=True), "top_k"),
+    (dict(top_p="0.5"), "top_p"),
+    (dict(top_p=True), "top_p"),
+    (dict(seed="1"), "seed"),
+    (dict(seed=1.5), "seed"),
+    (dict(seed=2**64), "seed"),
+    (dict(speculative="yes"), "speculative"),
+    (dict(on_tokens="print"), "on_tokens"),
 ])
 def test_bad_input_is_refused(random_models, kwargs, match):
     with pytest.raises(ValueError, match=match):

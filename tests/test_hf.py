@@ -9,6 +9,7 @@ by ``save_pretrained``) must give the same logits through ``load_pretrained``.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -510,3 +511,115 @@ def test_release_config_json_is_read_with_its_quantization_config(tmp_path):
     for name, value in preset.to_dict().items():
         if name not in training_only:
             assert cfg.to_dict()[name] == value, name
+
+
+# ---------------------------------------------------------------- hostile checkpoints
+
+def sharded(tmp_path):
+    """A sharded checkpoint in tmp_path/ckpt; returns its directory and parsed index."""
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(DeepSeekV3(CFG), ckpt, max_shard_size=30_000)
+    return ckpt, json.loads((ckpt / "model.safetensors.index.json").read_text())
+
+
+@pytest.mark.parametrize("entry", ["../gold/{name}", "{gold}/{name}", "sub/{name}", "..", ""])
+def test_index_entries_must_be_plain_names_inside_the_directory(tmp_path, entry):
+    ckpt, index = sharded(tmp_path)
+    name = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "gold").mkdir()
+    (ckpt / "sub").mkdir()
+    for outside in (tmp_path / "gold" / name, ckpt / "sub" / name):
+        outside.write_bytes((ckpt / name).read_bytes())  # the same tensors, elsewhere
+    (ckpt / name).unlink()
+    bad = entry.format(name=name, gold=tmp_path / "gold")
+    index["weight_map"] = {k: bad if f == name else f for k, f in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"index.json.*{re.escape(repr(bad))}.*plain file name"):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00002.safetensors"], {"k": 5}])
+def test_index_weight_map_must_map_keys_to_file_names(tmp_path, weight_map):
+    ckpt, index = sharded(tmp_path)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match="index.json"):
+        load_pretrained(ckpt)
+
+
+def test_key_listed_in_two_shards_of_the_index_is_refused(tmp_path):
+    ckpt, index = sharded(tmp_path)
+    key = "model.norm.weight"
+    first, other = index["weight_map"][key], sorted(set(index["weight_map"].values()))[0]
+    assert first != other
+    # JSON objects may repeat a key; json.loads would silently keep the last one.
+    text = json.dumps(index).replace(f'"{key}": "{first}"',
+                                     f'"{key}": "{other}", "{key}": "{first}"')
+    (ckpt / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=f"{key}.*twice.*{other}.*{first}"):
+        load_pretrained(ckpt)
+
+
+def test_key_stored_in_two_shard_files_is_refused(tmp_path):
+    ckpt, index = sharded(tmp_path)
+    key = "model.norm.weight"
+    home = index["weight_map"][key]
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != home)
+    sd = load_file(ckpt / other)
+    sd[key] = torch.full((CFG.hidden_size,), 7.0)  # a second, different copy
+    save_file(sd, ckpt / other)
+    with pytest.raises(ValueError, match=f"{key} is stored in both .*(({home}.*{other})|"
+                                         f"({other}.*{home}))"):
+        load_pretrained(ckpt)
+
+
+def fp8_checkpoint(tmp_path, block=(16, 16)):
+    """A checkpoint whose projections are FP8 with weight_block_size ``block``."""
+    sd = {}
+    for k, w in random_checkpoint(CFG).items():
+        if k.endswith("proj.weight"):
+            sd[k], sd[k + "_scale_inv"] = quantize_fp8(w, block=16)
+        else:
+            sd[k] = w
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": block}
+    write_checkpoint(tmp_path, sd, CFG, quantization_config=quant)
+    return sd
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_fp8_scale_or_weight_is_refused(tmp_path, bad):
+    sd = fp8_checkpoint(tmp_path)
+    key = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    sd[key][0, 0] = bad
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{re.escape(key)}: 1 non-finite value"):
+        load_pretrained(tmp_path)
+    sd[key][0, 0] = 1.0
+    sd["model.norm.weight"][3] = bad  # an unquantised tensor, too
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.norm\.weight: 1 non-finite value.*"
+                                         r"model\.safetensors"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("block", [[0, 0], [16], [16, 16, 16], 16, "16", [True, 16], [16.0, 16],
+                                   [-16, 16], None])
+def test_weight_block_size_must_be_two_positive_ints(tmp_path, block):
+    fp8_checkpoint(tmp_path, block=block)
+    with pytest.raises(ValueError, match=r"config\.json.*weight_block_size=.*two positive"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"deepseek_v3"', "42", "null"])
+def test_config_json_must_be_an_object(tmp_path, content):
+    save_pretrained(DeepSeekV3(CFG), tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=r"config\.json.*JSON object"):
+        load_pretrained(tmp_path)
+
+
+def test_quantization_config_must_be_an_object(tmp_path):
+    save_pretrained(DeepSeekV3(CFG), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": ["fp8"]}))
+    with pytest.raises(ValueError, match=r"config\.json.*quantization_config.*object"):
+        load_pretrained(tmp_path)

@@ -3,3 +3,20 @@
 * ``train``  -- training throughput of the toy MoE vs its dense twin, FLOP/s vs peak;
 * ``decode`` -- generation speed, cache sizes and MTP speculative decoding.
 """
+
+import argparse
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``, else a usage error naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return value
+
+    return parse

@@ -36,6 +36,7 @@ from ..checkpoint import has_checkpoint, load_model
 from ..config import ModelConfig
 from ..generate import Generation, allocated_bytes, cache_sizes, generate
 from ..model import DeepSeekV3, set_seed
+from . import int_at_least
 
 # Many heads and a small latent, few layers and a narrow FFN: attention dominates.
 ATTENTION_CONFIG = dict(
@@ -53,15 +54,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m minidsv3.bench decode",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096],
+    p.add_argument("--contexts", type=int_at_least(1), nargs="+", default=[256, 1024, 4096],
                    help="context lengths for the naive vs absorbed comparison")
-    p.add_argument("--steps", type=int, default=24, help="timed decode steps per context")
-    p.add_argument("--chunk", type=int, default=256,
+    p.add_argument("--steps", type=int_at_least(1), default=24,
+                   help="timed decode steps per context")
+    p.add_argument("--chunk", type=int_at_least(1), default=256,
                    help="prefill chunk (bounds the absorbed path's T x S score matrix)")
     p.add_argument("--run", default="runs/toy", help="trained run for speculative decoding")
-    p.add_argument("--fallback-steps", type=int, default=400,
+    p.add_argument("--fallback-steps", type=int_at_least(1), default=400,
                    help="training steps of the stand-in model when --run has no checkpoint")
-    p.add_argument("--repeats", type=int, default=5, help="repeats of each generation")
+    p.add_argument("--repeats", type=int_at_least(1), default=5,
+                   help="repeats of each generation")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="the models' dtype (RoPE tables and routers stay float32 regardless)")
     return p.parse_args(argv)
@@ -123,11 +126,14 @@ def attention_paths(args: argparse.Namespace) -> None:
         print(f"{context:>8} {row['naive'][0]:>12.1f} {row['absorbed'][0]:>15.1f} "
               f"{row['absorbed'][0] / row['naive'][0]:>8.2f}x {row['naive'][1]:>15.1f} "
               f"{row['absorbed'][1]:>18.1f}")
-    prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
+    n_prompt = min(16, longest // 2)
+    n_new = min(48, longest - n_prompt)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (n_prompt,), generator=g).tolist()
     for mode in ("naive", "absorbed"):
-        cached = generate(model, prompt.tolist(), 48, temperature=0, attn_mode=mode).tokens
-        full = greedy_by_full_forwards(model, prompt.tolist(), 48, mode)
-        print(f"{args.dtype} {mode} cached greedy decode (48 tokens) identical to greedy by "
+        cached = generate(model, prompt, n_new, temperature=0, attn_mode=mode).tokens
+        full = greedy_by_full_forwards(model, prompt, n_new, mode)
+        print(f"{args.dtype} {mode} cached greedy decode ({n_new} tokens) identical to greedy by "
               f"full forwards: {cached == full}")
     release = cache_sizes(ModelConfig.preset("deepseek-v3"))  # bf16
     print(f"released DeepSeek-V3 (bf16, 61 layers): absorbed {release['absorbed'] * 61:,} "
@@ -141,7 +147,10 @@ def trained_toy(args: argparse.Namespace, scratch: Path):
     """The trained run, or a short training run made now (said so on stdout)."""
     if has_checkpoint(args.run):
         print(f"model: {args.run}")
-        return load_model(args.run)
+        try:
+            return load_model(args.run)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --run {args.run}: {e}") from None
     from ..train import train  # imported only when needed: it pulls in the whole trainer
     out = scratch / "toy"
     print(f"model: no checkpoint in {args.run} (run `make train` for the real figures); "
@@ -166,6 +175,14 @@ def speculative(args: argparse.Namespace) -> None:
         model, tokenizer = trained_toy(args, Path(scratch))
     model = model.to(DTYPES[args.dtype])
     cfg = model.cfg
+    if cfg.num_nextn_predict_layers == 0:
+        raise SystemExit(f"error: --run {args.run} has no MTP modules (num_nextn_predict_layers=0)"
+                         ", and speculative decoding drafts with them")
+    try:
+        prompts = [tokenizer.encode(text) for text in PROMPTS]
+    except ValueError as e:
+        raise SystemExit(f"error: --run {args.run}: its tokenizer cannot encode the benchmark "
+                         f"prompts ({e})") from None
     print(f"== MTP speculative decoding (D = {cfg.num_nextn_predict_layers}) vs plain, "
           f"absorbed attention, {args.dtype}, {cfg.max_position_embeddings}-token sequences")
     print(f"{'mode':>15} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} "
@@ -175,8 +192,7 @@ def speculative(args: argparse.Namespace) -> None:
         plain_s = spec_s = 0.0
         tokens = forwards = drafted = accepted = 0
         same = True
-        for i, text in enumerate(PROMPTS):
-            prompt = tokenizer.encode(text)
+        for i, prompt in enumerate(prompts):
             seed = dict(seed=i) if kwargs["temperature"] else {}
             plain, spec = plain_and_speculative(model, prompt, args.repeats, **kwargs, **seed)
             same &= spec.tokens == plain.tokens

@@ -27,12 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ModelConfig
+from ..config import PRESETS, ModelConfig
 from ..model import DeepSeekV3, set_seed
-from ..scale import flops_per_token
+from ..scale import flops_per_token, parameter_counts
 from ..train import param_groups
+from . import int_at_least
 
 PHASES = ("forward", "backward", "optimizer", "bias update")
+# The models are trained for real on the CPU: past ~1e8 parameters one step takes minutes
+# (the toy has 1.3M), and the released configuration would not even fit in memory.
+MAX_PARAMETERS = 10**8
 
 
 def matmul_peak(seconds: float = 1.0) -> tuple[float, int]:
@@ -93,9 +97,27 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
     active = cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
     if cfg.intermediate_size != active:
         raise ValueError(f"intermediate_size={cfg.intermediate_size} differs from the activated "
-                         f"expert width {active}; pass intermediate_size={active} to compare "
-                         "equal work")
+                         f"expert width {active} = moe_intermediate_size x (n_shared_experts + "
+                         "num_experts_per_tok), so a dense twin would not do equal work")
     return cfg.replace(first_k_dense_replace=cfg.num_hidden_layers)
+
+
+def benchmark_configs(args: argparse.Namespace, parser: argparse.ArgumentParser
+                      ) -> list[tuple[str, ModelConfig]]:
+    """The MoE config and its dense twin, or a usage error that says why not."""
+    moe = ModelConfig.preset(args.preset, vocab_size=args.vocab_size)
+    n_params = parameter_counts(moe).total
+    if n_params > MAX_PARAMETERS:
+        parser.error(f"--preset {args.preset} has {n_params:,} parameters; this benchmark trains "
+                     f"on the CPU and takes at most {MAX_PARAMETERS:,} (use --preset toy)")
+    try:
+        dense = dense_twin(moe)
+    except ValueError as e:
+        parser.error(f"--preset {args.preset} has no dense twin: {e}")
+    if not moe.num_nextn_predict_layers < args.seq_len <= moe.max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len} must be in ({moe.num_nextn_predict_layers}, "
+                     f"max_position_embeddings={moe.max_position_embeddings}]")
+    return [("toy MoE", moe), ("dense twin", dense)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,16 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Tokens/s of the toy MoE vs its dense twin, FLOP/s vs this machine's "
                     "fp32 matmul peak, and the time of each phase of a step.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="toy")
-    parser.add_argument("--vocab-size", type=int, default=84,
+    parser.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    parser.add_argument("--vocab-size", type=int_at_least(1), default=84,
                         help="the Shakespeare character vocabulary")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--seq-len", type=int_at_least(1), default=128)
+    parser.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps per model")
+    parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed steps first")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    rows = benchmark_configs(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -123,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {args.batch_size} x {args.seq_len} tokens; medians of {args.steps} steps "
           f"after {args.warmup} warm-up steps; random token ids\n")
 
-    moe = ModelConfig.preset(args.preset, vocab_size=args.vocab_size)
-    rows = [("toy MoE", moe), ("dense twin", dense_twin(moe))]
     header = (f"{'model':<11}{'params':>10}{'active':>10}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
               + "".join(f"{p + ' ms':>15}" for p in PHASES) + f"{'step ms':>9}")
     print(header)
