@@ -115,8 +115,7 @@ def model_weights(cfg: ModelConfig) -> list[Weights]:
     for i in range(L):
         ws += block_weights(cfg, i)
     ws.append(Weights(NORMS, (d,)))  # model.norm
-    if not cfg.tie_word_embeddings:
-        ws.append(Weights(HEAD, (V, d)))
+    ws.append(Weights(HEAD, (V, d)))  # never tied to the embedding (config refuses tying)
     for k in range(cfg.num_nextn_predict_layers):  # embedding and head are shared
         own = [Weights(NORMS, (d,), 2), Weights(MTP, (d, 2 * d)), Weights(NORMS, (d,))]
         ws += [dataclasses.replace(w, mtp=True) for w in own + block_weights(cfg, L + k)]
@@ -232,7 +231,6 @@ def matmul_weights_per_token(cfg: ModelConfig, include_mtp: bool = True) -> int:
     """
     ws = [w for w in model_weights(cfg) if w.is_matmul and (include_mtp or not w.mtp)]
     heads = cfg.num_nextn_predict_layers if include_mtp else 0
-    heads += 1 if cfg.tie_word_embeddings else 0  # a tied head is listed as the embedding
     return sum(w.activated for w in ws) + heads * cfg.vocab_size * cfg.hidden_size
 
 
