@@ -18,9 +18,12 @@ summed across ranks (all-reduce) before the optimizer step and the bias update, 
 weights and biases stay identical everywhere.
 
 Everything a run writes lives in ``--out`` (default ``runs/toy``): the checkpoint
-(checkpoint.py), ``metrics.jsonl``, ``samples.txt`` and PNG plots (plots.py). A
-checkpoint holds the step, optimizer, scheduler and data-generator state, so
-``--resume`` continues a killed run with exactly the losses it would have had.
+(checkpoint.py), the lock and ``metrics.jsonl`` (rundir.py), ``samples.txt`` and PNG
+plots (plots.py). A checkpoint holds the step, optimizer, scheduler and data-generator
+state, so ``--resume`` continues a killed run with exactly the losses it would have had.
+Training stops, before the optimizer touches the weights, as soon as the loss or the
+gradient norm is NaN or infinite, and a checkpoint is never written with a NaN or an
+infinity in it, so the last checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import os
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import PRESETS, ModelConfig
 from .data import (
     CharTokenizer,
@@ -68,10 +72,12 @@ LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-a
               "mtp_loss_lambda": "--mtp-lambda"}
 # Options that may differ when resuming: they change where or how fast, never what.
 RESUME_FREE = ("resume", "out", "device", "compile", "threads")
+FLOAT_OPTIONS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "bias_gamma", "aux_alpha",
+                 "seq_alpha", "mtp_lambda")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+class Diverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN or infinite."""
 
 
 # ---------------------------------------------------------------- command line
@@ -140,17 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world: int) -> None:
     """Refuse values that would fail later or silently do something else."""
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
                  "log_every", "ckpt_every", "sample_chars", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in FLOAT_OPTIONS:  # NaN would pass every comparison below
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            parser.error(f"{_flag(name)} must be a finite number, got {getattr(args, name)}")
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1 or args.weight_decay < 0:
-        parser.error("need --warmup >= 0, 0 <= --min-lr-ratio <= 1 and --weight-decay >= 0")
+            parser.error(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
+    for name in ("weight_decay", "bias_gamma", "aux_alpha", "seq_alpha", "mtp_lambda"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
+        parser.error("need --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
     if args.batch_size % (args.grad_accum * world):
         parser.error(f"--batch-size {args.batch_size} must be divisible by --grad-accum "
                      f"{args.grad_accum} x {world} process(es)")
@@ -218,16 +235,27 @@ def make_config(args: argparse.Namespace, tokenizer: CharTokenizer) -> ModelConf
     return cfg
 
 
-def adopt_saved_args(args, saved: dict[str, Any], parser) -> argparse.Namespace:
-    """--resume continues the saved run: options given now must agree with it."""
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None
+                       ) -> tuple[argparse.Namespace, set[str]]:
+    """The options, and the names of those written on the command line, even where the
+    value equals the default: ``--resume --steps 1500`` asks for 1500 steps."""
+    args = parser.parse_args(argv)
+    unset = object()  # argparse leaves an attribute it finds already set alone
+    probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    # argparse always fills in the KEY=VALUE list, as [] when there is none.
+    return args, {key for key, value in vars(probe).items() if value is not unset and value != []}
+
+
+def adopt_saved_args(args, saved: dict[str, Any], given: set[str], parser) -> argparse.Namespace:
+    """--resume continues the saved run: the options ``given`` now must agree with it."""
     for key, value in saved.items():
         if key in RESUME_FREE or not hasattr(args, key):
             continue
-        given = getattr(args, key)
-        if given != value and given != parser.get_default(key):
-            parser.error(f"--{key.replace('_', '-')}={given} differs from the resumed run's "
-                         f"{value}; --resume continues a run unchanged (use a new --out to "
-                         "change settings)")
+        if key in given and getattr(args, key) != value:
+            name = "the KEY=VALUE overrides" if key == "overrides" else _flag(key)
+            parser.error(f"{name}={getattr(args, key)} differs from the resumed run's {value}; "
+                         f"--resume continues a run unchanged, so leave out {name} (or give "
+                         f"{value}), or use a new --out to change settings")
         setattr(args, key, value)
     return args
 
@@ -289,8 +317,10 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
         if moes:
             dist.all_reduce(loads)
     if not all(math.isfinite(v) for v in losses.tolist()):
-        raise NonFiniteLoss(f"loss is {losses[0].item()}")
+        raise Diverged(f"loss is {losses[0].item()}")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if not torch.isfinite(grad_norm):  # a finite loss can still have NaN gradients
+        raise Diverged(f"gradient norm is {grad_norm.item()}")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep zero grads: see run()
@@ -351,28 +381,13 @@ def write_samples(model: DeepSeekV3, tokenizer: CharTokenizer, path: Path, n_cha
     return text
 
 
-# ---------------------------------------------------------------- metrics file
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_records(path: Path, last_step: int) -> None:
-    """Drop records written after the checkpoint we resume from (the run redoes them)."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
 # ---------------------------------------------------------------- the run
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: exit status 0 on success, 1 when the loss diverged."""
+    """The command line: exit status 0 on success, 1 when training diverged."""
     try:
         train(argv)
-    except NonFiniteLoss as err:
+    except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -385,7 +400,7 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
     lives exactly as long as the call.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, given = parse_command_line(parser, argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         device = pick_device(args.device)
@@ -397,27 +412,40 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     try:
-        return run(args, parser, rank, world, device)
+        with rundir.claim(Path(args.out), args.resume, lock=rank == 0):  # only rank 0 writes
+            return run(args, given, parser, rank, world, device)
+    except rundir.RunDirError as err:
+        parser.error(str(err))
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3:
+@contextmanager
+def resume_errors(parser: argparse.ArgumentParser, out: Path) -> Iterator[None]:
+    """Turn a damaged checkpoint, or one of another model, into a clean --resume error."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:  # checkpoint.py names the file
+        parser.error(f"--resume: {err}")
+    except (RuntimeError, KeyError, TypeError) as err:  # optimizer or RNG state that won't fit
+        parser.error(f"--resume: {out / 'state.pt'} does not fit this run ({err!r}); it was "
+                     "not written by this run's training")
+
+
+def run(args, given: set[str], parser, rank: int, world: int, device: torch.device
+        ) -> DeepSeekV3:
+    """Train in ``args.out``, which ``rundir.claim`` has checked (and, on rank 0, locked)."""
     out = Path(args.out)
     if args.resume:
-        if not checkpoint.has_checkpoint(out):
-            parser.error(f"--resume: {out} holds no checkpoint to resume from")
-        state = checkpoint.load_state(out)
-        args = adopt_saved_args(args, state["args"], parser)
-    elif out.exists() and any(out.iterdir()):
-        parser.error(f"--out {out} already exists; add --resume to continue that run, or "
-                     "choose another --out")
+        with resume_errors(parser, out):
+            state = checkpoint.load_state(out)
+            args = adopt_saved_args(args, state["args"], given, parser)
     check_args(args, parser, world)
     if args.threads:
         torch.set_num_threads(args.threads)
     if world > 1:
-        dist.barrier()  # every rank has checked --out before rank 0 creates it
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
 
     # Rank 0 prepares the corpus (maybe downloading it) before the others read it.
     try:
@@ -427,14 +455,22 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
             dist.barrier()
         if rank != 0:
             corpus = prepare_corpus(args.text, args.data_dir, verbose=False)
-    except (CorpusDownloadError, FileNotFoundError) as err:
+        text, tokenizer = load_corpus(corpus)
+    except (CorpusDownloadError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    text, tokenizer = load_corpus(corpus)
-    train_ids, val_ids = split_train_val(tokenizer.encode(text))
+    ids = tokenizer.encode(text)
+    window = args.seq_len + 1  # the validation tenth, too, must hold one whole window
+    if len(ids) < 10 * window:
+        parser.error(f"{corpus} has {len(ids):,} characters, too few for --seq-len "
+                     f"{args.seq_len}: it needs {10 * window:,}, so that its last tenth (the "
+                     f"validation split) holds one window of {window}; use a longer --text or "
+                     "a shorter --seq-len")
+    train_ids, val_ids = split_train_val(ids)
 
     if args.resume:
-        cfg = ModelConfig.from_json(out / "config.json")
-        if checkpoint.load_tokenizer(out) != tokenizer:
+        with resume_errors(parser, out):
+            cfg, saved_tokenizer = checkpoint.load_config(out), checkpoint.load_tokenizer(out)
+        if saved_tokenizer != tokenizer:
             parser.error(f"the corpus {corpus} has a different vocabulary from the run in {out}")
     else:
         try:
@@ -457,21 +493,25 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
     metrics = out / "metrics.jsonl"
     step = 0
     if args.resume:
-        checkpoint.load_weights(model, out)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data_rng.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        with resume_errors(parser, out):
+            checkpoint.load_weights(model, out)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            data_rng.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            step = state["step"]
         if rank == 0:
-            truncate_records(metrics, step)
+            rundir.truncate_records(metrics, step)
 
     def save() -> None:
-        if rank == 0:
-            checkpoint.save_checkpoint(out, model, tokenizer, {
-                "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
-                "torch_rng": torch.get_rng_state(), "args": vars(args)})
+        now = {"step": step, "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
+               "torch_rng": torch.get_rng_state(), "args": vars(args)}
+        if rank == 0:  # refuses (NonFiniteTensor) to save a NaN or an infinity
+            checkpoint.save_checkpoint(out, model, tokenizer, now)
+        else:  # the same test, so that every rank stops together
+            checkpoint.check_finite(model.state_dict(), "model.safetensors")
+            checkpoint.check_finite(now, "state.pt")
 
     if not args.resume:
         if rank == 0:
@@ -499,9 +539,9 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
             for _ in range(args.grad_accum):
                 x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # global micro-batch
                 batches.append((x[mine].to(device), y[mine].to(device)))
+            step += 1  # the step being taken, as messages and records number it
             result = train_step(model, forward, optimizer, scheduler, batches, args, world,
                                 autocast)
-            step += 1
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == args.steps:
                 now = time.perf_counter()
@@ -526,15 +566,15 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
                           + (f", MaxVio global {ev['maxvio_global']:.3f}" if "maxvio_global"
                              in ev else ""))
             if rank == 0 and record:
-                append_record(metrics, record)
+                rundir.append_record(metrics, record)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
                 last_ckpt = step
-    except NonFiniteLoss as err:
-        raise NonFiniteLoss(
-            f"{err} at step {step + 1}; stopping. The last good checkpoint (step {last_ckpt}) "
-            f"in {out} is intact; start a new --out with a lower --lr or a longer --warmup"
-        ) from None
+    except (Diverged, checkpoint.NonFiniteTensor) as err:
+        raise Diverged(
+            f"{err} at step {step}; training stopped without saving it. The last good "
+            f"checkpoint (step {last_ckpt}) in {out} is intact; start a new --out with a lower "
+            "--lr or a longer --warmup") from None
     finally:
         bar.close()
 

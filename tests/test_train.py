@@ -127,6 +127,17 @@ def test_bias_update_uses_the_loads_of_every_micro_batch():
         assert moe.expert_load.sum() == 0  # counts restart for the next step
 
 
+def test_non_finite_gradients_stop_the_step_before_the_weights_change():
+    model, optimizer, scheduler = _tiny_setup()
+    model.lm_head.weight.register_hook(lambda grad: grad * math.nan)  # the loss stays finite
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = argparse.Namespace(grad_clip=1.0, balance="aux-free", bias_gamma=0.001)
+    with pytest.raises(train.Diverged, match="gradient norm is nan"):
+        train.train_step(model, model, optimizer, scheduler, [_batch()], args, world=1)
+    for key, value in model.state_dict().items():  # weights and routing biases untouched
+        assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.parametrize("balance", ["aux-loss", "none"])
 def test_other_balance_modes_leave_the_bias_alone(balance):
     model, optimizer, scheduler = _tiny_setup()
@@ -279,6 +290,9 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     (["mtp_loss_lambda=0.1"], "set mtp_loss_lambda with --mtp-lambda"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--bias-gamma", "nan"], "--bias-gamma must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--bias-gamma", "-0.1"], "--bias-gamma must be >= 0, got -0.1"),
     (["--batch-size", "6", "--grad-accum", "4"], "must be divisible by --grad-accum"),
     (["--seq-len", "1000"], "--seq-len 1000 must be in"),
 ])
