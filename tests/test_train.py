@@ -17,9 +17,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from minidsv3 import train
+from minidsv3 import train, train_cli
 from minidsv3.checkpoint import load_model, load_state
 from minidsv3.config import ModelConfig
+from minidsv3.data import CharTokenizer
 from minidsv3.model import DeepSeekV3
 from minidsv3.moe import max_violation
 
@@ -149,15 +150,16 @@ def test_other_balance_modes_leave_the_bias_alone(balance):
 
 
 def test_balance_modes_set_the_loss_coefficients(corpus):
-    tok = train.CharTokenizer("abc")
-    parser = train.build_parser()
+    tok = CharTokenizer("abc")
+    parser = train_cli.build_parser()
     parser.set_defaults(seq_len=32)
-    free = train.make_config(parser.parse_args(["--preset", "tiny"]), tok)
+    free = train_cli.make_config(parser.parse_args(["--preset", "tiny"]), tok)
     assert (free.aux_loss_alpha, free.expert_aux_loss_alpha) == (0.0001, 0.0)
-    aux = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "aux-loss"]), tok)
-    assert (aux.aux_loss_alpha, aux.expert_aux_loss_alpha) == (0.0, train.AUX_LOSS_ALPHA)
-    none = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "none",
-                                                "--mtp-lambda", "0.5"]), tok)
+    aux = train_cli.make_config(parser.parse_args(["--preset", "tiny", "--balance", "aux-loss"]),
+                                tok)
+    assert (aux.aux_loss_alpha, aux.expert_aux_loss_alpha) == (0.0, train_cli.AUX_LOSS_ALPHA)
+    none = train_cli.make_config(parser.parse_args(["--preset", "tiny", "--balance", "none",
+                                                    "--mtp-lambda", "0.5"]), tok)
     assert (none.aux_loss_alpha, none.expert_aux_loss_alpha, none.mtp_loss_lambda) == (0, 0, 0.5)
     assert none.vocab_size == 3
 
@@ -171,12 +173,12 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_overrides_are_typed_like_the_config_fields():
-    got = train.parse_overrides(["hidden_size=48", "routed_scaling_factor=1.5",
-                                 "norm_topk_prob=false", "scoring_func=softmax",
-                                 "rope_scaling=none"])
+    got = train_cli.parse_overrides(["hidden_size=48", "routed_scaling_factor=1.5",
+                                     "norm_topk_prob=false", "scoring_func=softmax",
+                                     "rope_scaling=none"])
     assert got == {"hidden_size": 48, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
                    "scoring_func": "softmax", "rope_scaling": None}
-    yarn = train.parse_overrides(['rope_scaling={"factor": 4}'])["rope_scaling"]
+    yarn = train_cli.parse_overrides(['rope_scaling={"factor": 4}'])["rope_scaling"]
     assert yarn == {"factor": 4}
 
 
