@@ -3,8 +3,9 @@
 * ``train.lock``    -- an exclusive lock (``fcntl.flock``) held by the one process that
   writes the run directory, naming its PID, host and start time while held. The kernel
   releases a flock when its process ends, however it ends, so a trainer that crashed
-  or was killed never leaves the run locked: the next one takes the lock over and says
-  whose it was. (Windows has no ``fcntl``; there nothing stops a second trainer.)
+  or was killed never leaves the run locked: the next one takes the lock over (and, if
+  the file still names a killed holder, says whose it was). Windows has no ``fcntl``:
+  there nothing stops a second trainer.
 * ``metrics.jsonl`` -- one JSON record per logged step, appended as training goes. A
   kill can cut the last line short; resuming drops such a line and redoes its step.
 
@@ -80,15 +81,20 @@ def _locked(run_dir: Path) -> Iterator[None]:
                 raise RunDirError(
                     f"--out {run_dir} is in use by another trainer ({_holder(path)}); wait "
                     "for it to finish or stop it, or choose another --out") from None
+            except OSError as err:  # a file system without locks (some network mounts)
+                print(f"note: cannot lock {path} ({err.strerror}); make sure no other trainer "
+                      f"writes to {run_dir}", file=sys.stderr)
         previous = _holder(path)
-        if previous:  # a holder that exits cleanly clears the file
-            print(f"note: taking over {path} from a trainer that did not exit cleanly "
-                  f"({previous})", file=sys.stderr)
+        if previous:  # only a holder that was killed leaves its name in the file
+            print(f"note: taking over {path} from a trainer that was killed ({previous})",
+                  file=sys.stderr)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        yield
-        os.ftruncate(fd, 0)
+        try:
+            yield
+        finally:  # however the run ends, short of a kill
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
 

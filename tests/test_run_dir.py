@@ -1,6 +1,7 @@
 """Run directories under faults: readers never write, one trainer at a time, checksums,
 torn records, interrupted saves, bad options and bad files give clear messages."""
 
+import errno
 import json
 import os
 import shutil
@@ -146,12 +147,24 @@ def test_one_trainer_at_a_time_and_a_dead_ones_lock_is_taken_over(corpus, tmp_pa
         err = capsys.readouterr().err
         assert f"is in use by another trainer (PID {os.getpid()} on host" in err
         assert [p.name for p in out.iterdir()] == [rundir.LOCK]  # the second touched nothing
+        assert json.loads((out / rundir.LOCK).read_text())["pid"] == os.getpid()  # nor its name
     # A trainer killed while holding the lock leaves its PID in the file, but no lock.
     (out / rundir.LOCK).write_text(DEAD)
     assert train.main(argv(corpus, out)) == 0
     err = capsys.readouterr().err
     assert "taking over" in err and "(PID 4194304 on host elsewhere since yesterday)" in err
     assert (out / rundir.LOCK).read_text() == ""  # released on exit
+
+
+def test_a_file_system_without_locks_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):  # what flock does on some network mounts
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with rundir.claim(tmp_path / "run", resume=False):
+        pass
+    err = capsys.readouterr().err
+    assert f"cannot lock {tmp_path / 'run' / rundir.LOCK} (No locks available)" in err
 
 
 # ---------------------------------------------------------------- checksums
