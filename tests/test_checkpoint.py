@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minidsv3 import checkpoint
 from minidsv3.checkpoint import (
     FILES,
     MANIFEST,
@@ -108,6 +109,31 @@ def test_crash_while_moving_files_is_read_forward_and_finished_by_the_next_save(
     assert (tmp_path / READY).is_dir() and load_state(tmp_path / READY)["step"] == 2
     save_checkpoint(tmp_path, new, tok, _state(3))
     assert not (tmp_path / READY).exists() and load_state(tmp_path)["step"] == 3
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["whole save", "commit only"])
+def test_a_save_landing_in_the_middle_of_a_read_is_read_again(tmp_path, monkeypatch, moved):
+    """The trainer saves while a reader is between the manifest and the weights: the mixed
+    set fails the manifest check, and the reader reads again and gets the new one whole."""
+    tok = CharTokenizer(VOCAB)
+    old, new = _model(seed=0), _model(seed=1)
+    save_checkpoint(tmp_path, old, tok, _state(1))
+    staging = tmp_path / "staging"
+    save_checkpoint(staging, new, tok, _state(2))
+    real, raced = checkpoint._read_newest, []
+
+    def racing(run_dir, name):
+        if name == "model.safetensors" and not raced:
+            raced.append(name)
+            if moved:
+                save_checkpoint(tmp_path, new, tok, _state(2))
+            else:  # stopped right after the commit: the new files are all in ckpt.ready/
+                shutil.copytree(staging, tmp_path / READY)
+        return real(run_dir, name)
+
+    monkeypatch.setattr(checkpoint, "_read_newest", racing)
+    loaded, _ = load_model(tmp_path)
+    assert raced and torch.equal(loaded.lm_head.weight, new.lm_head.weight)
 
 
 def test_non_finite_tensors_are_never_saved(tmp_path):

@@ -98,7 +98,7 @@ def test_a_reader_sampling_in_a_loop_does_not_disturb_training(corpus, tmp_path,
                                                                capsys):
     """The issue's race: `sample --run R` in a loop while R checkpoints every step."""
     monkeypatch.setattr(train, "save_plots", lambda run_dir: [])  # slow and beside the point
-    steps = ["--steps", "16", "--ckpt-every", "1"]
+    steps = ["--steps", "10", "--ckpt-every", "1"]
     out = tmp_path / "watched"
     done, codes = threading.Event(), []
 
