@@ -284,7 +284,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu"
     """The trained model (in eval mode, on ``device``) and its tokenizer, for inference."""
     run_dir = Path(run_dir)
     blobs = read_files(run_dir, ("config.json", "tokenizer.json", "model.safetensors"))
-    cfg, tokenizer, tensors = (_parse(run_dir, name, data) for name, data in blobs.items())
-    model = DeepSeekV3(cfg)
-    _copy_weights(model, run_dir, tensors)
-    return model.to(device).eval(), tokenizer
+    parsed = {name: _parse(run_dir, name, data) for name, data in blobs.items()}
+    model = DeepSeekV3(parsed["config.json"])
+    _copy_weights(model, run_dir, parsed["model.safetensors"])
+    return model.to(device).eval(), parsed["tokenizer.json"]
