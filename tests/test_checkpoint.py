@@ -150,6 +150,13 @@ def test_non_finite_tensors_are_never_saved(tmp_path):
     assert torch.isfinite(load_model(tmp_path)[0].lm_head.weight).all()
 
 
+def test_a_damaged_manifest_is_named(tmp_path):
+    save_checkpoint(tmp_path, _model(), CharTokenizer(VOCAB), _state(1))
+    (tmp_path / MANIFEST).write_text('{"step": 1, "sha256": ')
+    with pytest.raises(ValueError, match="manifest.json is not a valid checkpoint manifest"):
+        load_model(tmp_path)
+
+
 def test_missing_or_mismatched_checkpoint_gives_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_model(tmp_path)
