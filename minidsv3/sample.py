@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from .checkpoint import load_model
 from .generate import generate
 
@@ -35,8 +37,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        torch.zeros(1, device=args.device)  # an absent device fails here, not deep inside
+    except (RuntimeError, AssertionError):  # AssertionError: torch built without CUDA
+        print(f"error: --device {args.device} is not available on this machine; use --device "
+              "cpu", file=sys.stderr)
+        return 2
+    try:
         model, tokenizer = load_model(args.run, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # checkpoint.py names the file and the fix
         print(f"error: --run: {e}", file=sys.stderr)
         return 2
     try:

