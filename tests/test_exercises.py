@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 
 import nbformat
 import pytest
@@ -10,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
+from minidsv3 import ModelConfig
 from minidsv3.exercises import TASKS, check, hint, run_check, tasks_of
 from minidsv3.exercises import build as ex_build
 from minidsv3.exercises import grade as ex_grade
 from minidsv3.exercises.__main__ import main as cli
 from minidsv3.exercises.core import RESULTS_ENV
 from minidsv3.layers import apply_rotary_emb
+from minidsv3.moe import Gate, balance_loss, max_violation
 
 SOLUTIONS = sorted((ex_build.EXERCISES / "solutions").glob("*_solution.ipynb"))
 
@@ -197,6 +200,12 @@ def _halves(x, angles):
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
 
 
+def _rotate_backwards(x, angles):  # (a, b) -> (a cos + b sin, b cos - a sin)
+    a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    c, s = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    return torch.stack([a * c + b * s, b * c - a * s], -1).flatten(-2)
+
+
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -336,8 +345,7 @@ MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d, dtype=torch.float64) / d),
      "one frequency per pair"),
     ("rotate_interleaved", _halves, "GPT-NeoX"),
-    ("rotate_interleaved", lambda x, a: apply_rotary_emb(x, torch.polar(torch.ones_like(a), -a)),
-     "direction flipped"),
+    ("rotate_interleaved", _rotate_backwards, "direction flipped"),
     ("yarn_ramp", _ramp(clamp=False), "clamp the ramp"),
     ("yarn_ramp", _ramp(reverse=True), "ramp reversed"),
     ("yarn_ramp", _ramp(guard=False), "divides by zero"),
@@ -453,3 +461,23 @@ def test_grader_stops_a_hanging_notebook(tmp_path):
         (name, "fail") for name in tasks_of("07_speculative")]
     assert rows[0].message == "the notebook timed out after 3 s (cell 2 was still running)"
     assert rows[1].message == "not graded: " + rows[0].message
+
+
+def test_check_catches_a_function_that_calls_the_reference():
+    ref = balance_loss  # an alias taken beforehand is the same function
+
+    def hidden(load):  # switching the profiler off does not hide it
+        sys.setprofile(None)
+        return max_violation(load)
+
+    cheats = [("max_violation", lambda load: max_violation(load), "minidsv3.moe.max_violation"),
+              ("max_violation", max_violation, "minidsv3.moe.max_violation"),
+              ("max_violation", hidden, "profiler"),
+              ("sequence_balance_loss", lambda s, idx, alpha: alpha * ref(s, idx),
+               "minidsv3.moe.balance_loss"),
+              ("group_limited_topk", lambda b, g, kg, k: Gate(ModelConfig.preset(
+                  "tiny", n_routed_experts=b.shape[1], n_group=g, topk_group=kg,
+                  num_experts_per_tok=k)).select(b), "minidsv3.moe.Gate.select")]
+    for name, fn, words in cheats:
+        verdict = run_check(name, fn)
+        assert verdict.status == "fail" and words in verdict.message, verdict.line()
