@@ -14,26 +14,18 @@ and never lets an exception (or a traceback) escape into the notebook.
 A task names its *references*: the package functions that compute its answer. While
 the student's function runs, Python's profiler watches for calls of their code, so a
 function that hands the work to the package fails, however it got hold of it.
-
-Recording for the grader: when the environment variable ``MINIDSV3_EXERCISE_RESULTS``
-names a file, every verdict is appended to it as one JSON line
-``{"set", "task", "status", "message", "source"}`` (status pass | fail | todo).
-``python -m minidsv3.exercises grade`` sets it for each notebook it runs.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import linecache
-import os
 import sys
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
-RESULTS_ENV = "MINIDSV3_EXERCISE_RESULTS"
 SYMBOL = {"pass": "✓", "fail": "✗", "todo": "…"}
 
 
@@ -136,6 +128,8 @@ def run_watched(fn: Callable, args: tuple, watched: Mapping):
 
 def describe_exception(err: BaseException, fn: Callable) -> str:
     """'ValueError: msg (line 4 of your function: `x = ...`)': no traceback, just the line."""
+    if hasattr(err, "student_description"):  # raised in the notebook's kernel, described there
+        return err.student_description
     text = type(err).__name__ + (f": {err}" if str(err) else "")
     code = getattr(fn, "__code__", None)
     tb, where = err.__traceback__, None
@@ -191,20 +185,6 @@ def run_check(name: str, fn: Callable) -> Verdict:
     return Verdict(name, "pass", f"passed ({n_cases} case{'s' if n_cases != 1 else ''})")
 
 
-def record(verdict: Verdict, source: str) -> None:
-    """Append the verdict as one JSON line to the file named by $MINIDSV3_EXERCISE_RESULTS."""
-    path = os.environ.get(RESULTS_ENV)
-    if not path:
-        return
-    row = {"set": TASKS[verdict.task].set_id if verdict.task in TASKS else None,
-           **asdict(verdict), "source": source}
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as err:  # grading goes on; the grader reports the task as not run
-        print(f"(could not record the result for the grader: {err})", file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------------
 # What students call
 # ---------------------------------------------------------------------------------
@@ -222,9 +202,7 @@ def check(task_or_fn, fn: Callable | None = None) -> None:
             return
     else:
         name = task_or_fn
-    verdict = run_check(name, fn)
-    print(verdict.line())
-    record(verdict, "cell")
+    print(run_check(name, fn).line())
 
 
 def hint(name: str, number: int = 1) -> None:
@@ -238,15 +216,3 @@ def hint(name: str, number: int = 1) -> None:
         return
     more = f"  (more: hint({name!r}, {number + 1}))" if number < len(hints) else ""
     print(f"hint {number}/{len(hints)} for {name}: {hints[number - 1]}{more}")
-
-
-def record_set(set_id: str, namespace: dict) -> None:
-    """Grader's last cell: check every task of the set on the notebook's functions."""
-    for name in tasks_of(set_id):
-        fn = namespace.get(name)
-        if fn is None:
-            verdict = Verdict(name, "fail", f"function {name} is not defined "
-                                            "(was it renamed, or did its cell fail?)")
-        else:
-            verdict = run_check(name, fn)
-        record(verdict, "final")
