@@ -1,8 +1,12 @@
 """Classroom exercises: build sync, specific verdicts for planted mistakes, the grader."""
 
 import csv
-import json
 import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -10,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from minidsv3.exercises import TASKS, check, hint, run_check, tasks_of
+from minidsv3 import ModelConfig
+from minidsv3.exercises import TASKS, check, hint, isolation, run_check, tasks_of
 from minidsv3.exercises import build as ex_build
 from minidsv3.exercises import grade as ex_grade
 from minidsv3.exercises.__main__ import main as cli
-from minidsv3.exercises.core import RESULTS_ENV
 from minidsv3.layers import apply_rotary_emb
+from minidsv3.moe import Gate, balance_loss, max_violation
 
 SOLUTIONS = sorted((ex_build.EXERCISES / "solutions").glob("*_solution.ipynb"))
 
@@ -156,17 +161,6 @@ def test_an_exception_becomes_a_one_line_verdict(capsys):
     assert "Traceback" not in out and out.count("\n") == 1
 
 
-def test_check_records_results_for_the_grader(tmp_path, monkeypatch, capsys):
-    results = tmp_path / "results.jsonl"
-    monkeypatch.setenv(RESULTS_ENV, str(results))
-    check("mtp_loss", lambda ce, lam: lam / len(ce) * torch.stack(ce).sum())
-    check("mtp_loss", lambda ce, lam: lam * torch.stack(ce).sum())
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [(r["set"], r["task"], r["status"], r["source"]) for r in rows] == [
-        ("05_mtp", "mtp_loss", "pass", "cell"), ("05_mtp", "mtp_loss", "fail", "cell")]
-    assert "divide by D" in rows[1]["message"]
-
-
 def test_check_and_hint_explain_wrong_names(capsys):
     def my_gate(x):
         return x
@@ -195,6 +189,12 @@ def _halves(x, angles):
     x1, x2 = x.chunk(2, -1)
     c, s = angles.cos()[None, :, None], angles.sin()[None, :, None]
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+
+
+def _rotate_backwards(x, angles):  # (a, b) -> (a cos + b sin, b cos - a sin)
+    a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    c, s = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    return torch.stack([a * c + b * s, b * c - a * s], -1).flatten(-2)
 
 
 def _rms(x, w, eps):
@@ -336,8 +336,7 @@ MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d, dtype=torch.float64) / d),
      "one frequency per pair"),
     ("rotate_interleaved", _halves, "GPT-NeoX"),
-    ("rotate_interleaved", lambda x, a: apply_rotary_emb(x, torch.polar(torch.ones_like(a), -a)),
-     "direction flipped"),
+    ("rotate_interleaved", _rotate_backwards, "direction flipped"),
     ("yarn_ramp", _ramp(clamp=False), "clamp the ramp"),
     ("yarn_ramp", _ramp(reverse=True), "ramp reversed"),
     ("yarn_ramp", _ramp(guard=False), "divides by zero"),
@@ -453,3 +452,229 @@ def test_grader_stops_a_hanging_notebook(tmp_path):
         (name, "fail") for name in tasks_of("07_speculative")]
     assert rows[0].message == "the notebook timed out after 3 s (cell 2 was still running)"
     assert rows[1].message == "not graded: " + rows[0].message
+
+
+# ---------------------------------------------------------------------------------
+# The grader under attack: hostile notebooks, graded once by the command line
+# ---------------------------------------------------------------------------------
+GOOD_MTP_LOSS = ("import torch\ndef mtp_loss(ce, lam):\n"
+                 "    return lam / len(ce) * torch.stack(ce).sum()")
+KILLS_ITS_GRADER = "import os\nos.kill(os.getppid(), 9)"
+KILLS_THE_MAIN_GRADER = """import os
+def parent(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+def is_grader(pid):  # python -m minidsv3.exercises grade ...
+    argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    return argv[1:4] == [b"-m", b"minidsv3.exercises", b"grade"]
+top = os.getppid()
+while is_grader(parent(top)):
+    top = parent(top)
+os.kill(top, 9)"""
+STARTS_DAEMONS = """import subprocess, sys
+quiet = dict(start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+sleeper = subprocess.Popen(["sleep", "120"], **quiet)
+spawn = ("import subprocess; print(subprocess.Popen(['sleep', '120'], start_new_session=True, "
+         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)")
+orphan = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True).stdout
+open(PIDS, "w").write(f"{sleeper.pid} {orphan}")"""
+WRONG_MTP = """import torch
+def mtp_inputs(tokens, targets, h_prev, k):
+    return h_prev, tokens, targets
+def mtp_combine(h, e, ew, hw, W, eps):
+    return h
+def mtp_loss(ce, lam):
+    return torch.tensor(0.0)"""
+FORGES_RESULTS = """import json, os
+forged = "".join(json.dumps({"set": "05_mtp", "task": t, "status": "pass", "source": "final",
+                             "message": "passed (3 cases)"}) + "\\n"
+                 for t in ("mtp_inputs", "mtp_combine", "mtp_loss"))
+targets = [os.environ.get("MINIDSV3_EXERCISE_RESULTS")]  # the results file the grader named
+fds = f"/proc/{os.getppid()}/fd"  # and every pipe of the grader's process
+targets += [f"{fds}/{fd}" for fd in os.listdir(fds)
+            if os.readlink(f"{fds}/{fd}").startswith("pipe:")]
+for target in filter(None, targets):
+    try:
+        with open(target, "a") as f:
+            f.write(forged)
+    except OSError:
+        pass
+os._exit(0)"""
+PATCHES_THE_CHECKS = """import dataclasses
+import minidsv3.exercises as ex
+import minidsv3.exercises.compare as compare
+import minidsv3.exercises.core as core
+def always_pass(name, fn):
+    return core.Verdict(name, "pass", "passed (9 cases)")
+core.run_check = ex.run_check = always_pass
+for name, t in list(core.TASKS.items()):
+    core.TASKS[name] = dataclasses.replace(t, checker=lambda fn: 9)
+compare.expect_close = compare.expect_equal = lambda *args, **kwargs: None"""
+CALLS_THE_REFERENCE = """import torch
+import minidsv3.moe
+from minidsv3.moe import balance_loss as ref
+def expert_load(topk_idx, n_experts):
+    return torch.zeros(n_experts)
+def update_bias(bias, load, gamma):
+    return bias + gamma * torch.sign(load.mean() - load)
+def max_violation(load):
+    return minidsv3.moe.max_violation(load)
+def sequence_balance_loss(scores, topk_idx, alpha):
+    return alpha * ref(scores, topk_idx)"""
+
+
+def _meta(set_id):
+    return {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "minidsv3": {"exercise_set": set_id}}
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """One grader run (a separate process) over a folder of hostile notebooks; its CSV rows."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    folder, pids = tmp / "submissions", tmp / "pids.txt"
+    folder.mkdir()
+    write_nb(folder / "a_kills_05_mtp.ipynb", [GOOD_MTP_LOSS, KILLS_ITS_GRADER], _meta("05_mtp"))
+    write_nb(folder / "b_badmeta_05_mtp.ipynb",
+             [GOOD_MTP_LOSS, f"PIDS = {str(pids)!r}\n" + STARTS_DAEMONS],
+             {**_meta("05_mtp"), "minidsv3": "x"})
+    write_nb(folder / "c_forges_05_mtp.ipynb", [WRONG_MTP, FORGES_RESULTS], _meta("05_mtp"))
+    write_nb(folder / "d_patches_04_balancing.ipynb", [PATCHES_THE_CHECKS, CALLS_THE_REFERENCE],
+             _meta("04_balancing"))
+    write_nb(folder / "e_kills_all_05_mtp.ipynb", [GOOD_MTP_LOSS, KILLS_THE_MAIN_GRADER],
+             _meta("05_mtp"))
+    marks = tmp / "marks.csv"
+    env = {**os.environ, "PYTHONPATH": str(Path(ex_build.__file__).parents[2])}
+    run = subprocess.run([sys.executable, "-m", "minidsv3.exercises", "grade", str(folder),
+                          "--csv", str(marks), "--timeout", "60"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    rows = {}
+    if marks.exists():
+        with open(marks, newline="") as f:
+            rows = {(Path(r["file"]).name, r["task"]): (r["result"], r["message"])
+                    for r in csv.DictReader(f)}
+    daemons = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+    survivors = [pid for pid in daemons if _alive(pid)]
+    for pid in survivors:  # leave nothing behind, whatever the grader did
+        os.kill(pid, 9)
+    return run, rows, daemons, survivors
+
+
+def test_a_notebook_that_kills_its_grader_costs_only_its_own_rows(hostile):
+    _, rows, _, _ = hostile
+    result, message = rows["a_kills_05_mtp.ipynb", "(notebook)"]
+    assert result == "fail" and "killed" in message, message
+    assert rows["b_badmeta_05_mtp.ipynb", "mtp_loss"][0] == "pass"  # graded after the kill
+
+
+def test_rows_reach_the_csv_as_soon_as_each_notebook_is_graded(hostile):
+    run, rows, _, _ = hostile
+    assert run.returncode == -9, run.stderr[-2000:]  # the last notebook killed the whole run
+    assert {file for file, _ in rows} == {"a_kills_05_mtp.ipynb", "b_badmeta_05_mtp.ipynb",
+                                          "c_forges_05_mtp.ipynb", "d_patches_04_balancing.ipynb"}
+
+
+def test_bad_metadata_gets_an_error_row_and_the_file_name_decides(hostile):
+    _, rows, _, _ = hostile
+    result, message = rows["b_badmeta_05_mtp.ipynb", "(metadata)"]
+    assert result == "fail" and "'x'" in message and "file name" in message, message
+    assert [task for file, task in rows if file == "b_badmeta_05_mtp.ipynb"] == [
+        "(metadata)", *tasks_of("05_mtp")]
+
+
+@pytest.mark.parametrize("metadata", ["x", {"exercise_set": 5}, {"exercise_set": ["05_mtp"]},
+                                      {"exercise_set": "99_none"}, ["05_mtp"]])
+def test_notebook_metadata_is_validated_not_trusted(metadata):
+    nb = nbformat.v4.new_notebook(metadata={"minidsv3": metadata})
+    set_id, problem = ex_grade.exercise_set(nb, Path("alice_05_mtp.ipynb"))
+    assert set_id == "05_mtp"  # from the file name
+    assert "minidsv3" in problem and repr(metadata)[:10] in problem, problem
+
+
+def test_forged_results_give_no_marks(hostile):
+    _, rows, _, _ = hostile
+    forger = {task: row for (file, task), row in rows.items() if file == "c_forges_05_mtp.ipynb"}
+    assert "(notebook)" in forger and all(result == "fail" for result, _ in forger.values()), \
+        forger
+
+
+def test_patching_the_checks_inside_the_notebook_gives_no_marks(hostile):
+    _, rows, _, _ = hostile
+    assert rows["d_patches_04_balancing.ipynb", "update_bias"][0] == "pass"  # honest work counts
+    assert rows["d_patches_04_balancing.ipynb", "expert_load"][0] == "fail"
+
+
+def test_calling_the_package_reference_fails_in_the_grade(hostile):
+    _, rows, _, _ = hostile
+    for task, reference in (("max_violation", "minidsv3.moe.max_violation"),
+                            ("sequence_balance_loss", "minidsv3.moe.balance_loss")):
+        result, message = rows["d_patches_04_balancing.ipynb", task]
+        assert result == "fail" and reference in message, message
+
+
+def test_processes_a_notebook_starts_do_not_outlive_the_grader(hostile):
+    _, _, daemons, survivors = hostile
+    assert len(daemons) == 2 and survivors == []
+
+
+def test_check_catches_a_function_that_calls_the_reference():
+    ref = balance_loss  # an alias taken beforehand is the same function
+
+    def hidden(load):  # switching the profiler off does not hide it
+        sys.setprofile(None)
+        return max_violation(load)
+
+    cheats = [("max_violation", lambda load: max_violation(load), "minidsv3.moe.max_violation"),
+              ("max_violation", max_violation, "minidsv3.moe.max_violation"),
+              ("max_violation", hidden, "profiler"),
+              ("sequence_balance_loss", lambda s, idx, alpha: alpha * ref(s, idx),
+               "minidsv3.moe.balance_loss"),
+              ("group_limited_topk", lambda b, g, kg, k: Gate(ModelConfig.preset(
+                  "tiny", n_routed_experts=b.shape[1], n_group=g, topk_group=kg,
+                  num_experts_per_tok=k)).select(b), "minidsv3.moe.Gate.select")]
+    for name, fn, words in cheats:
+        verdict = run_check(name, fn)
+        assert verdict.status == "fail" and words in verdict.message, verdict.line()
+
+
+def _pipes():
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found |= {int(fd)} if os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") else set()
+        except OSError:  # the descriptor listdir used
+            pass
+    return found
+
+
+def _forges_into_new_pipes(inherited):
+    """What a notebook's kernel can do to its grading process: write into its pipes."""
+    for fd in _pipes() - inherited:  # in_child's, not pytest's own
+        try:
+            os.write(fd, b'{"name": "a.ipynb", "result": [["a.ipynb", "t", "pass", ""]]}\n')
+        except OSError:  # the read end
+            pass
+    return [["a.ipynb", "t", "fail", "honest"]]
+
+
+@pytest.mark.parametrize("work, problem", [
+    ("forges", "does not carry the grader's signature"),
+    (lambda: os.kill(os.getpid(), 9), "was killed by signal 9"),
+    (lambda: os._exit(3), "exited with status 3"),
+    (lambda: __import__("time").sleep(30), "did not answer within 0.5 s"),
+])
+def test_only_a_signed_answer_of_the_grading_process_counts(work, problem):
+    key = b"k" * 32
+    assert isolation.in_child(lambda: [["a.ipynb", "t", "pass", ""]], key, "a.ipynb", 5) == (
+        [["a.ipynb", "t", "pass", ""]], None)
+    if work == "forges":
+        work = partial(_forges_into_new_pipes, _pipes())
+    result, message = isolation.in_child(work, key, "a.ipynb", limit=0.5)
+    assert result is None and problem in message, message

@@ -1,4 +1,4 @@
-"""The exercise machinery: a task registry, ``check``, ``hint`` and result recording.
+"""The exercise machinery: a task registry, ``check``, ``hint`` and watched calls.
 
 A *task* is one function a student writes. Its checker (in one of the ``exNN_*``
 modules) calls the student's function on several random and edge-case inputs,
@@ -11,22 +11,21 @@ specific message at the first mistake. ``check`` turns that into a one-line verd
 
 and never lets an exception (or a traceback) escape into the notebook.
 
-Recording for the grader: when the environment variable ``MINIDSV3_EXERCISE_RESULTS``
-names a file, every verdict is appended to it as one JSON line
-``{"set", "task", "status", "message", "source"}`` (status pass | fail | todo).
-``python -m minidsv3.exercises grade`` sets it for each notebook it runs.
+A task names its *references*: the package functions that compute its answer. While
+the student's function runs, Python's profiler watches for calls of their code, so a
+function that hands the work to the package fails, however it got hold of it.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import linecache
-import os
 import sys
-from dataclasses import asdict, dataclass
-from typing import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
-RESULTS_ENV = "MINIDSV3_EXERCISE_RESULTS"
 SYMBOL = {"pass": "✓", "fail": "✗", "todo": "…"}
 
 
@@ -38,12 +37,21 @@ class NotDone(Exception):
     """The student's function still raises NotImplementedError."""
 
 
+class Rejected(BaseException):
+    """This call cannot count: the function used a reference, or gave no answer at all.
+
+    A BaseException, so that no checker's ``except Exception`` mistakes it for an
+    exception of the student's code: it goes straight to ``run_check``.
+    """
+
+
 @dataclass(frozen=True)
 class Task:
     name: str  # the task name, also the name of the function the student writes
     set_id: str  # the exercise set (= the student notebook's stem), e.g. "03_deepseekmoe"
     checker: Callable[[Callable], int]  # runs the cases, returns how many passed
     hints: tuple[str, ...]
+    references: tuple[Callable, ...]  # package functions the student's function may not call
 
 
 @dataclass(frozen=True)
@@ -59,13 +67,13 @@ class Verdict:
 TASKS: dict[str, Task] = {}
 
 
-def task(set_id: str, name: str, hints: list[str]):
+def task(set_id: str, name: str, hints: list[str], references: Sequence[Callable] = ()):
     """Register the decorated checker as task ``name`` of exercise set ``set_id``."""
 
     def register(checker: Callable[[Callable], int]) -> Callable[[Callable], int]:
         if name in TASKS:
             raise ValueError(f"task {name!r} is registered twice; task names must be unique")
-        TASKS[name] = Task(name, set_id, checker, tuple(hints))
+        TASKS[name] = Task(name, set_id, checker, tuple(hints), tuple(references))
         return checker
 
     return register
@@ -83,8 +91,45 @@ def exercise_sets() -> list[str]:
 # ---------------------------------------------------------------------------------
 # Calling student code
 # ---------------------------------------------------------------------------------
+# The references of the task run_check is checking: code object -> "minidsv3.moe.balance_loss"
+WATCHED: ContextVar[Mapping] = ContextVar("WATCHED", default=MappingProxyType({}))
+
+
+def references_of(name: str) -> dict:
+    """Code objects of task ``name``'s references (decorators unwrapped), with their names."""
+    return {inspect.unwrap(ref).__code__: f"{ref.__module__}.{ref.__qualname__}"
+            for ref in TASKS[name].references} if name in TASKS else {}
+
+
+def run_watched(fn: Callable, args: tuple, watched: Mapping):
+    """``fn(*args)``, but raise Rejected if it called (at any depth) a function in ``watched``."""
+    if not watched:
+        return fn(*args)
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            called.append(watched[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        return fn(*args)
+    finally:  # raising here replaces whatever the function returned or raised
+        switched_off = sys.getprofile() is not profile
+        sys.setprofile(previous)
+        if called:
+            raise Rejected(f"your function calls {called[0]}, the package's own answer to "
+                           "this task: write the computation yourself")
+        if switched_off:
+            raise Rejected("your function switched off the profiler (sys.setprofile) that "
+                           "the check uses to see which functions it calls")
+
+
 def describe_exception(err: BaseException, fn: Callable) -> str:
     """'ValueError: msg (line 4 of your function: `x = ...`)': no traceback, just the line."""
+    if hasattr(err, "student_description"):  # raised in the notebook's kernel, described there
+        return err.student_description
     text = type(err).__name__ + (f": {err}" if str(err) else "")
     code = getattr(fn, "__code__", None)
     tb, where = err.__traceback__, None
@@ -102,7 +147,7 @@ def describe_exception(err: BaseException, fn: Callable) -> str:
 def call(fn: Callable, *args, case: str = ""):
     """Call the student's function; turn any exception into a Fail that names it."""
     try:
-        return fn(*args)
+        return run_watched(fn, args, WATCHED.get())
     except NotImplementedError as err:
         raise NotDone(str(err)) from err
     except Exception as err:  # anything the student's code raises becomes a verdict
@@ -118,8 +163,11 @@ def run_check(name: str, fn: Callable) -> Verdict:
     if not callable(fn):
         return Verdict(name, "fail", f"check needs your function, got {type(fn).__name__}; "
                                      f"write check({name!r}, your_function)")
+    watching = WATCHED.set(references_of(name))
     try:
         n_cases = TASKS[name].checker(fn)
+    except Rejected as err:
+        return Verdict(name, "fail", str(err))
     except NotDone as err:
         other = str(err).split(":")[0]
         if other != name and other in TASKS:  # e.g. gate calls a group_limited_topk stub
@@ -132,21 +180,9 @@ def run_check(name: str, fn: Callable) -> Verdict:
     except Exception as err:  # the result had a form the checker could not even compare
         return Verdict(name, "fail", "your function returned something the check could not "
                                      f"compare ({type(err).__name__}: {err})")
+    finally:
+        WATCHED.reset(watching)
     return Verdict(name, "pass", f"passed ({n_cases} case{'s' if n_cases != 1 else ''})")
-
-
-def record(verdict: Verdict, source: str) -> None:
-    """Append the verdict as one JSON line to the file named by $MINIDSV3_EXERCISE_RESULTS."""
-    path = os.environ.get(RESULTS_ENV)
-    if not path:
-        return
-    row = {"set": TASKS[verdict.task].set_id if verdict.task in TASKS else None,
-           **asdict(verdict), "source": source}
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as err:  # grading goes on; the grader reports the task as not run
-        print(f"(could not record the result for the grader: {err})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------
@@ -166,9 +202,7 @@ def check(task_or_fn, fn: Callable | None = None) -> None:
             return
     else:
         name = task_or_fn
-    verdict = run_check(name, fn)
-    print(verdict.line())
-    record(verdict, "cell")
+    print(run_check(name, fn).line())
 
 
 def hint(name: str, number: int = 1) -> None:
@@ -182,15 +216,3 @@ def hint(name: str, number: int = 1) -> None:
         return
     more = f"  (more: hint({name!r}, {number + 1}))" if number < len(hints) else ""
     print(f"hint {number}/{len(hints)} for {name}: {hints[number - 1]}{more}")
-
-
-def record_set(set_id: str, namespace: dict) -> None:
-    """Grader's last cell: check every task of the set on the notebook's functions."""
-    for name in tasks_of(set_id):
-        fn = namespace.get(name)
-        if fn is None:
-            verdict = Verdict(name, "fail", f"function {name} is not defined "
-                                            "(was it renamed, or did its cell fail?)")
-        else:
-            verdict = run_check(name, fn)
-        record(verdict, "final")

@@ -18,7 +18,7 @@ from .core import Fail, call, task
 SET = "01_rope_yarn"
 
 
-@task(SET, "rope_inv_freq", hints=[
+@task(SET, "rope_inv_freq", references=[layers.rope_inv_freq], hints=[
     "There is one frequency per *pair* of dimensions, so the result has dim // 2 entries.",
     "Pair i uses the exponent -2i/dim: torch.arange(0, dim, 2) gives the 2i directly.",
     "theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)",
@@ -48,7 +48,7 @@ def _rotate_halves(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-@task(SET, "rotate_interleaved", hints=[
+@task(SET, "rotate_interleaved", references=[layers.apply_rotary_emb], hints=[
     "Pair (x[..., 2i], x[..., 2i+1]) is the complex number x_2i + i*x_2i+1; multiply it by "
     "exp(i*angle) = cos(angle) + i*sin(angle).",
     "x.reshape(*x.shape[:-1], -1, 2) puts each pair in the last axis; angles (T, D/2) must "
@@ -82,7 +82,7 @@ def check_rotate_interleaved(fn) -> int:
     return len(shapes) + 1
 
 
-@task(SET, "yarn_ramp", hints=[
+@task(SET, "yarn_ramp", references=[layers.yarn_ramp], hints=[
     "Start from the straight line (i - low) / (high - low) over i = 0 .. n-1.",
     "Clamp it to [0, 1]: .clamp(0, 1).",
     "When low == high the line divides by zero: add 0.001 to high first, like the reference.",
@@ -105,7 +105,7 @@ def check_yarn_ramp(fn) -> int:
     return len(cases)
 
 
-@task(SET, "yarn_inv_freq", hints=[
+@task(SET, "yarn_inv_freq", references=[layers.yarn_inv_freq], hints=[
     "Compute the ramp r over the n = len(inv_freq) pairs with your yarn_ramp(low, high, n).",
     "Where r = 1 (slow pairs, index >= high) use inv_freq / factor; where r = 0 (fast pairs) "
     "keep inv_freq; blend linearly in between.",
@@ -148,7 +148,7 @@ def _reference_scale(nope: int, rope: int, factor: float, mscale_all_dim: float,
     return layers.softmax_scale(cfg)
 
 
-@task(SET, "softmax_scale", hints=[
+@task(SET, "softmax_scale", references=[layers.softmax_scale, layers.yarn_mscale], hints=[
     "Without YaRN the scale is 1 / sqrt(d_h + d_R): the score is a dot product over both parts.",
     "YaRN is active only when max_len > original_len; then mscale = 0.1 * mscale_all_dim * "
     "ln(factor) + 1 (natural log), and 1 when factor <= 1.",

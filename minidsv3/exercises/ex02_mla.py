@@ -45,7 +45,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
     return y if weight is None else y * weight
 
 
-@task(SET, "compress_kv", hints=[
+@task(SET, "compress_kv", references=[MLA.latents], hints=[
     "One matrix makes both: h @ w_kv_a.T has kv_lora_rank + qk_rope_head_dim outputs; the first "
     "kv_lora_rank are the latent c_KV, the rest the RoPE key k_R.",
     "c_KV is normalised with RMSNorm (weight norm_weight, epsilon eps); k_R is not normalised.",
@@ -176,7 +176,7 @@ def check_absorbed_scores(fn) -> int:
     return n
 
 
-@task(SET, "cache_bytes_per_token", hints=[
+@task(SET, "cache_bytes_per_token", references=[cache_bytes_per_token], hints=[
     "Absorbed mode caches, per token and layer, the latent c_KV (kv_lora_rank values) and the "
     "shared RoPE key k_R (qk_rope_head_dim values); no per-head tensors.",
     "Naive mode caches every head's key (qk_nope_head_dim + qk_rope_head_dim) and value "

@@ -27,7 +27,7 @@ CRAFTED = torch.tensor([[0.95, 0.11, 0.12, 0.13, 0.60, 0.59, 0.01, 0.02,
                          0.70, 0.05, 0.06, 0.07, 0.35, 0.34, 0.36, 0.33]])
 
 
-@task(SET, "swiglu_expert", hints=[
+@task(SET, "swiglu_expert", references=[MLP.forward], hints=[
     "Weights are stored like nn.Linear: x @ w.T applies w.",
     "SiLU(a) = a * sigmoid(a) (F.silu); it acts on the *gate* projection only.",
     "(F.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T",
@@ -94,7 +94,7 @@ def _selection_variants(biased: torch.Tensor, cfg: ModelConfig):
     ]
 
 
-@task(SET, "group_limited_topk", hints=[
+@task(SET, "group_limited_topk", references=[Gate.select], hints=[
     "View the scores as (N, n_group, experts_per_group) and score each group by the sum of its "
     "two largest entries: .topk(2, dim=-1).values.sum(-1).",
     "Keep the topk_group best groups; set every expert of the other groups to -inf "
@@ -132,7 +132,7 @@ def _table(weights: torch.Tensor, idx: torch.Tensor, n_experts: int) -> torch.Te
     return table.scatter(1, idx.long(), weights.detach().double())
 
 
-@task(SET, "gate", hints=[
+@task(SET, "gate", references=[Gate.forward, Gate.scores, Gate.select], hints=[
     "Affinities s = sigmoid(x @ weight.T), shape (N, N_r). The bias is added only to choose: "
     "idx = group_limited_topk(s + bias, ...).",
     "The weights come from the *unbiased* s of the chosen experts: s.gather(1, idx).",
@@ -185,7 +185,7 @@ def check_gate(fn) -> int:
     return len(cases)
 
 
-@task(SET, "moe_combine", hints=[
+@task(SET, "moe_combine", references=[MoE.forward, MoE.dispatch], hints=[
     "For every token n and slot j, expert idx[n, j] processes x[n] and its output is scaled "
     "by weights[n, j].",
     "Sum over the K slots and add shared_expert(x): the shared expert sees every token.",

@@ -55,7 +55,7 @@ def check_expert_load(fn) -> int:
     return len(cases)
 
 
-@task(SET, "update_bias", hints=[
+@task(SET, "update_bias", references=[MoE.update_bias], hints=[
     "Compare each expert's load with the mean load over all experts.",
     "Underloaded experts (load below the mean) get +gamma, overloaded ones -gamma, experts "
     "exactly at the mean 0: that is gamma * sign(mean - load).",
@@ -88,7 +88,7 @@ def check_update_bias(fn) -> int:
     return len(cases)
 
 
-@task(SET, "max_violation", hints=[
+@task(SET, "max_violation", references=[max_violation], hints=[
     "MaxVio = (max load - mean load) / mean load: 0 when perfectly balanced.",
     "Reduce over the last axis only (.amax(-1), .mean(-1)) so a (layers, N_r) load gives one "
     "value per layer.",
@@ -115,7 +115,7 @@ def check_max_violation(fn) -> int:
     return len(cases)
 
 
-@task(SET, "sequence_balance_loss", hints=[
+@task(SET, "sequence_balance_loss", references=[balance_loss], hints=[
     "Work per sequence (axis 0 of scores and topk_idx), then average over sequences.",
     "f_i = N_r / (K_r * T) * (number of the sequence's tokens routed to i); P_i = mean over "
     "the T tokens of s'_i, where s' = s / s.sum(-1, keepdim=True).",

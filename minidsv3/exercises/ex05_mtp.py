@@ -17,7 +17,7 @@ from .core import Fail, call, task
 SET = "05_mtp"
 
 
-@task(SET, "mtp_inputs", hints=[
+@task(SET, "mtp_inputs", references=[mtp_inputs], hints=[
     "Depth k sees T - k positions: position i has a token k ahead only for i < T - k.",
     "At position i it combines h^{k-1}_i with the embedding of t_{i+k}: tokens[:, k:].",
     "It predicts t_{i+k+1}, which is targets[:, k:] (targets are the tokens shifted by one); "
@@ -57,7 +57,7 @@ def check_mtp_inputs(fn) -> int:
     return 3
 
 
-@task(SET, "mtp_combine", hints=[
+@task(SET, "mtp_combine", references=[MTPModule.forward], hints=[
     "Normalise each input with its own RMSNorm: x * rsqrt(mean(x^2) + eps) * weight; enorm's "
     "weight for the embedding, hnorm's for h_prev.",
     "Concatenate along the last axis with the embedding *first*: [emb; h] is (B, T, 2d).",
@@ -95,7 +95,7 @@ def check_mtp_combine(fn) -> int:
     return len(shapes)
 
 
-@task(SET, "mtp_loss", hints=[
+@task(SET, "mtp_loss", references=[mtp_loss], hints=[
     "D is the number of depths: len(ce_per_depth).",
     "L_MTP = lam / D * (CE_1 + ... + CE_D); keep it a tensor (torch.stack(...).sum()) so the "
     "gradient flows.",

@@ -28,7 +28,7 @@ def _reference_accept(draft: torch.Tensor, verified: torch.Tensor) -> torch.Tens
     return torch.tensor(draft.tolist()[:kept] + [token])
 
 
-@task(SET, "accept_greedy", hints=[
+@task(SET, "accept_greedy", references=[accept_or_resample], hints=[
     "verified[j] is the main model's greedy token at the position of draft[j]; verified[K] "
     "comes after the last draft.",
     "Find n = the number of leading positions where draft[j] == verified[j]; stop at the first "
@@ -67,7 +67,7 @@ def check_accept_greedy(fn) -> int:
     return len(cases)
 
 
-@task(SET, "top_p_filter", hints=[
+@task(SET, "top_p_filter", references=[Sampler.probs], hints=[
     "Turn the logits into probabilities (softmax) and sort them in descending order.",
     "A token stays if the mass of the tokens ranked *above* it is still below p "
     "(cumsum - prob < p): so the token that crosses p stays, and the top token always stays.",
