@@ -104,13 +104,19 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def save_checkpoint(run_dir: str | Path, model: DeepSeekV3, tokenizer: CharTokenizer,
-                    state: dict[str, Any]) -> None:
+                    state: dict[str, Any], weights: dict[str, torch.Tensor] | None = None
+                    ) -> None:
     """Write the model, its config and tokenizer, the training ``state`` and their manifest
     atomically. Raises NonFiniteTensor, writing nothing, if any tensor is NaN or infinite:
-    a diverged model must never replace the last good checkpoint."""
+    a diverged model must never replace the last good checkpoint.
+
+    ``weights`` (default ``model.state_dict()``) is the full state of a sharded model,
+    gathered by ``sharding.full_state``.
+    """
     run_dir = Path(run_dir)
+    weights = model.state_dict() if weights is None else weights
     # safetensors refuses tensors that share memory; clone + contiguous gives each its own.
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     check_finite(tensors, "model.safetensors")
     check_finite(state, "state.pt")
     state_bytes = io.BytesIO()

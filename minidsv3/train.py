@@ -13,9 +13,11 @@ The recipe is the V3 report's (sec. 4.2), scaled down to a laptop:
 
 Data parallel: ``torchrun --nproc_per_node N -m minidsv3.train ...``. Every rank
 draws the *global* batch from the same generator and keeps its own slice, so N
-processes see exactly the batch one process would; gradients and expert loads are
-summed across ranks (all-reduce) before the optimizer step and the bias update, so
-weights and biases stay identical everywhere.
+processes see exactly the batch one process would. The model is sharded with FSDP2
+(sharding.py): gradients are averaged across ranks as they are reduce-scattered, and
+expert loads are summed across ranks before the bias update, so the routing biases
+stay identical everywhere. Checkpoints hold full, unsharded state keyed by parameter
+name, so a run saved by N processes resumes in any number of them.
 
 Everything a run writes lives in ``--out`` (default ``runs/toy``): the checkpoint
 (checkpoint.py), the lock and ``metrics.jsonl`` (rundir.py), ``samples.txt`` and PNG
@@ -43,7 +45,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, rundir
+from . import checkpoint, rundir, sharding
 from .data import (
     CharTokenizer,
     CorpusDownloadError,
@@ -98,15 +100,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
-    """Average tensors over ranks in place, with one collective for all of them."""
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(chunk.view_as(t))
-
-
 def train_step(model, forward, optimizer, scheduler, batches, args, world,
                autocast=None) -> dict[str, Any]:
     """One optimizer step over ``batches`` (this rank's micro-batches); returns its numbers."""
@@ -120,8 +113,9 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
     moes = model.moe_layers()
     # (L, E) tokens per expert over the whole step: sums over micro-batches and ranks.
     loads = torch.stack([m.expert_load for m in moes]) if moes else torch.zeros(0, 0)
-    if world > 1:
-        all_reduce_mean([p.grad for p in model.parameters()] + [losses], world)
+    if world > 1:  # (FSDP has already averaged the gradients while reduce-scattering them)
+        dist.all_reduce(losses)
+        losses /= world
         if moes:
             dist.all_reduce(loads)
     if not all(math.isfinite(v) for v in losses.tolist()):
@@ -173,9 +167,11 @@ def evaluate(model: DeepSeekV3, val_ids: torch.Tensor, batch_size: int, seq_len:
     return record
 
 
-def write_samples(model: DeepSeekV3, tokenizer: CharTokenizer, path: Path, n_chars: int,
-                  seed: int) -> str:
-    """Continue a few prompts (those the vocabulary can spell) and save the text."""
+def sample_text(model: DeepSeekV3, tokenizer: CharTokenizer, n_chars: int, seed: int) -> str:
+    """Continue a few prompts (those the vocabulary can spell): the text of samples.txt.
+
+    Seeded, so every rank of a sharded model computes the same text in step.
+    """
     prompts = [p for p in SAMPLE_PROMPTS if set(p) <= set(tokenizer.vocab)] or ["\n"]
     texts = []
     for i, prompt in enumerate(prompts):
@@ -184,9 +180,7 @@ def write_samples(model: DeepSeekV3, tokenizer: CharTokenizer, path: Path, n_cha
         new = generate(model, ids, min(n_chars, room), temperature=0.8, top_k=None,
                        seed=seed + i).tokens
         texts.append(prompt + tokenizer.decode(new))
-    text = "\n\n----------\n\n".join(texts) + "\n"
-    path.write_text(text, encoding="utf-8")
-    return text
+    return "\n\n----------\n\n".join(texts) + "\n"
 
 
 # ---------------------------------------------------------------- the run
@@ -288,6 +282,11 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
 
     set_seed(args.seed)  # same initial weights on every rank
     model = DeepSeekV3(cfg).to(device)
+    if args.resume:  # into the whole model, every key and shape checked, before sharding
+        with resume_errors(parser, out):
+            checkpoint.load_weights(model, out)
+    if world > 1:
+        sharding.shard_model(model, sharding.data_parallel_mesh(world, device))
     # Zero (not None) gradients for every parameter, kept between steps: an expert that
     # received no token still gets an AdamW update from zero gradients, whatever the
     # number of ranks, so 1 and N processes (and a resumed run) do the same arithmetic.
@@ -302,8 +301,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     step = 0
     if args.resume:
         with resume_errors(parser, out):
-            checkpoint.load_weights(model, out)
-            optimizer.load_state_dict(state["optimizer"])
+            sharding.load_full_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             data_rng.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
@@ -312,14 +310,24 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
             rundir.truncate_records(metrics, step)
 
     def save() -> None:
-        now = {"step": step, "optimizer": optimizer.state_dict(),
+        # Every rank takes part in gathering the full state; rank 0 writes it.
+        weights, optimizer_state = sharding.full_state(model, optimizer)
+        now = {"step": step, "optimizer": optimizer_state,
                "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
                "torch_rng": torch.get_rng_state(), "args": vars(args)}
+        refused = None
         if rank == 0:  # refuses (NonFiniteTensor) to save a NaN or an infinity
-            checkpoint.save_checkpoint(out, model, tokenizer, now)
-        else:  # the same test, so that every rank stops together
-            checkpoint.check_finite(model.state_dict(), "model.safetensors")
-            checkpoint.check_finite(now, "state.pt")
+            try:
+                checkpoint.save_checkpoint(out, model, tokenizer, now, weights)
+            except checkpoint.NonFiniteTensor as err:
+                refused = err
+        if world > 1:  # rank 0 tells the others, so that every rank stops together
+            flag = torch.tensor([float(refused is not None)])
+            dist.broadcast(flag, src=0)
+            if flag.item() and refused is None:
+                refused = checkpoint.NonFiniteTensor("rank 0 refused to save a non-finite tensor")
+        if refused is not None:
+            raise refused
 
     if not args.resume:
         if rank == 0:
@@ -365,19 +373,23 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
                 bar.set_postfix(loss=f"{result['loss']:.3f}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(step - bar.n)
-            if rank == 0 and (step % args.eval_every == 0 or step == args.steps):
+            # Every rank evaluates (the same batches): a sharded model's forward needs them all.
+            if step % args.eval_every == 0 or step == args.steps:
                 last = step == args.steps  # the final evaluation reads the whole split
                 ev = evaluate(model, val_ids, args.batch_size, args.seq_len,
                               None if last else args.eval_batches, device, autocast)
                 record.update(step=step, **ev)
-                bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
-                          + (f", MaxVio global {ev['maxvio_global']:.3f}" if "maxvio_global"
-                             in ev else ""))
+                if rank == 0:
+                    bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
+                              + (f", MaxVio global {ev['maxvio_global']:.3f}"
+                                 if "maxvio_global" in ev else ""))
             if rank == 0 and record:
                 rundir.append_record(metrics, record)
-            if step % args.ckpt_every == 0 or step == args.steps:
+            if step % args.ckpt_every == 0 or step == args.steps or step == args.stop_after:
                 save()
                 last_ckpt = step
+            if step == args.stop_after:
+                break
     except (Diverged, checkpoint.NonFiniteTensor) as err:
         raise Diverged(
             f"{err} at step {step}; training stopped without saving it. The last good "
@@ -386,17 +398,28 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     finally:
         bar.close()
 
-    if rank == 0:
-        write_samples(model, tokenizer, out / "samples.txt", args.sample_chars, args.seed)
-        plots = save_plots(out)
-        minutes = (time.perf_counter() - started) / 60
-        final = json.loads(metrics.read_text(encoding="utf-8").splitlines()[-1])
-        print(f"done: {args.steps} steps, final validation loss {final['val_loss']:.4f} "
-              f"nats/char ({minutes:.1f} min of training)\n  samples: {out / 'samples.txt'}\n"
-              f"  plots:   {', '.join(str(p) for p in plots)}")
+    if step < args.steps:  # --stop-after: the run continues with --resume
+        if rank == 0:
+            print(f"stopped after step {step} of {args.steps}; continue with --resume --out {out}")
+    else:
+        finish(model, tokenizer, args, out, rank, started)
     if world > 1:
         dist.barrier()
     return model
+
+
+def finish(model: DeepSeekV3, tokenizer: CharTokenizer, args, out: Path, rank: int,
+           started: float) -> None:
+    """Samples, plots and the closing summary of a run that reached its last step."""
+    samples = sample_text(model, tokenizer, args.sample_chars, args.seed)  # every rank
+    if rank == 0:
+        (out / "samples.txt").write_text(samples, encoding="utf-8")
+        plots = save_plots(out)
+        minutes = (time.perf_counter() - started) / 60
+        final = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+        print(f"done: {args.steps} steps, final validation loss {final['val_loss']:.4f} "
+              f"nats/char ({minutes:.1f} min of training)\n  samples: {out / 'samples.txt'}\n"
+              f"  plots:   {', '.join(str(p) for p in plots)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ AUX_LOSS_ALPHA = 0.001
 LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-alpha",
               "mtp_loss_lambda": "--mtp-lambda"}
 # Options that may differ when resuming: they change where or how fast, never what.
-RESUME_FREE = ("resume", "out", "device", "compile", "threads")
+RESUME_FREE = ("resume", "out", "device", "compile", "threads", "stop_after")
 FLOAT_OPTIONS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "bias_gamma", "aux_alpha",
                  "seq_alpha", "mtp_lambda")
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation batches per evaluation (the last one uses the whole split)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
     p.add_argument("--ckpt-every", type=int, default=300, help="steps between checkpoints")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop with a checkpoint after this step of the --steps schedule, e.g. "
+                        "to continue with --resume on another machine or number of processes")
     p.add_argument("--text", metavar="FILE",
                    help="train on this UTF-8 text instead of Shakespeare (no network needed)")
     p.add_argument("--data-dir", default="data", help="where prepared corpora live")
@@ -102,7 +105,7 @@ def _flag(name: str) -> str:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world: int) -> None:
     """Refuse values that would fail later or silently do something else."""
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
-                 "log_every", "ckpt_every", "sample_chars", "threads"):
+                 "log_every", "ckpt_every", "sample_chars", "threads", "stop_after"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in FLOAT_OPTIONS:  # NaN would pass every comparison below

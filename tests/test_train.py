@@ -253,26 +253,63 @@ def _ddp_worker(rank, world, port, argv, result_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model = train.train(argv)
-    torch.save(model.state_dict(), Path(result_dir) / f"rank{rank}.pt")
+    # Parameters are sharded over the ranks (the checkpoint holds them whole); the routing
+    # biases are buffers every rank keeps in full.
+    biases = {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
+    torch.save(biases, Path(result_dir) / f"rank{rank}.pt")
 
 
-def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+def _spawn_two(corpus, out, result_dir, *extra):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    steps = ["--steps", "4", "--grad-accum", "2", "--eval-every", "4", "--ckpt-every", "4"]
-    mp.spawn(_ddp_worker, args=(2, port, _argv(corpus, tmp_path / "ddp", *steps), str(tmp_path)),
+    mp.spawn(_ddp_worker, args=(2, port, _argv(corpus, out, *extra), str(result_dir)),
              nprocs=2, join=True)
-    single = train.train(_argv(corpus, tmp_path / "single", *steps)).state_dict()
+
+
+def test_two_process_fsdp_matches_one_process(corpus, tmp_path):
+    """FSDP2 over 2 gloo ranks = one process on the same global batch: the checkpointed
+    (gathered) weights, the AdamW moments, the routing biases on every rank, the losses."""
+    steps = ["--steps", "4", "--grad-accum", "2", "--eval-every", "4", "--ckpt-every", "4"]
+    _spawn_two(corpus, tmp_path / "ddp", tmp_path, *steps)
+    train.train(_argv(corpus, tmp_path / "single", *steps))
+    two, one = (load_file(tmp_path / run / "model.safetensors") for run in ("ddp", "single"))
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=key)
+    moments = [load_state(tmp_path / run)["optimizer"]["state"] for run in ("ddp", "single")]
+    assert moments[0].keys() == moments[1].keys()  # keyed by parameter name, not position
+    for name, state in moments[1].items():
+        torch.testing.assert_close(moments[0][name]["exp_avg"], state["exp_avg"],
+                                   rtol=1e-4, atol=1e-7, msg=name)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for key, value in single.items():
-        assert torch.equal(ranks[0][key], ranks[1][key]), key  # identical on every rank
-        torch.testing.assert_close(ranks[0][key], value, rtol=0, atol=1e-5, msg=key)
-    biases = [k for k in single if k.endswith("e_score_correction_bias")]
-    assert biases and any(single[k].abs().sum() > 0 for k in biases)  # the biases moved
+    assert ranks[0] and ranks[0].keys() == ranks[1].keys()
+    for key, bias in ranks[0].items():
+        assert torch.equal(bias, ranks[1][key]) and torch.equal(bias, one[key]), key
+        assert bias.abs().sum() > 0  # the biases moved
     # The 2-process run logged the same (all-reduced) losses as the single process.
     for r2, r1 in zip(_records(tmp_path / "ddp"), _records(tmp_path / "single")):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_checkpoints_do_not_depend_on_the_world_size(corpus, tmp_path, first, then):
+    """4 steps in `first` processes, then 4 more in `then` after --resume, give the losses
+    and weights of one uninterrupted 8-step process."""
+    common = ["--steps", "8", "--eval-every", "8", "--ckpt-every", "4", "--log-every", "1"]
+    train.train(_argv(corpus, tmp_path / "whole", *common))
+    for world, extra in [(first, ["--stop-after", "4"]), (then, ["--resume"])]:
+        if world == 2:
+            _spawn_two(corpus, tmp_path / "split", tmp_path, *common, *extra)
+        else:
+            train.train(_argv(corpus, tmp_path / "split", *common, *extra))
+    whole, split = _records(tmp_path / "whole"), _records(tmp_path / "split")
+    assert [r["step"] for r in split] == [r["step"] for r in whole]
+    for a, b in zip(split, whole):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
+    one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "split"))
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 # ---------------------------------------------------------------- bad arguments
