@@ -100,8 +100,46 @@ class Gate(nn.Module):
         return weights * self.cfg.routed_scaling_factor, idx, s
 
 
+def run_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+                experts: nn.ModuleList) -> torch.Tensor:
+    """out[n] = sum over the pairs p of token n of weight[p] * experts[expert[p]](x[n]).
+
+    x (N, d); token, expert, weight (P,) describe P (token, expert) pairs, with
+    ``expert`` indexing ``experts``. The pairs are sorted by expert, so each expert
+    runs once on one contiguous slice of its tokens: the loop is over experts, never
+    over tokens, and no token is ever dropped (there is no capacity limit).
+    """
+    order = expert.argsort(stable=True)  # pairs grouped by expert
+    token, weight = token[order], weight[order]
+    counts = torch.bincount(expert, minlength=len(experts)).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for module, count in zip(experts, counts):
+        if count:
+            rows = token[start:start + count]
+            w = weight[start:start + count, None].to(x.dtype)
+            out.index_add_(0, rows, module(x[rows]) * w)
+        start += count
+    return out
+
+
+class LocalDispatcher:
+    """One process holds every expert: run them on the (token, slot) pairs, here."""
+
+    def __call__(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                 experts: nn.ModuleList) -> torch.Tensor:
+        """flat (N, d), weights (N, K) float32, idx (N, K) -> routed output (N, d)."""
+        N, K = idx.shape
+        token = torch.arange(N, device=idx.device).repeat_interleave(K)  # token of each pair
+        return run_experts(flat, token, idx.flatten(), weights.flatten(), experts)
+
+
 class MoE(nn.Module):
-    """Shared experts (always on) plus routed experts chosen by the Gate."""
+    """Shared experts (always on) plus routed experts chosen by the Gate.
+
+    Where the routed experts run is the dispatcher's business:
+    ``dispatcher(flat (N, d), weights (N, K), idx (N, K), experts) -> routed (N, d)``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,6 +153,9 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts > 0 else None
         )
+        # Sends each token to its experts and sums their weighted outputs: LocalDispatcher
+        # in one process, parallel.AllToAllDispatcher once the experts are sharded.
+        self.dispatcher = LocalDispatcher()
         # Tokens per expert since the last update_bias (training forwards only).
         self.register_buffer(
             "expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False
@@ -127,7 +168,7 @@ class MoE(nn.Module):
         load = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).float()
         if self.training:
             self.expert_load += load
-        routed = self.dispatch(flat, weights, idx, load)
+        routed = self.dispatcher(flat, weights, idx, self.experts)
         y = routed if self.shared_experts is None else routed + self.shared_experts(flat)
         stats = RouterStats(
             scores=rearrange(scores, "(b t) e -> b t e", b=B),
@@ -135,26 +176,6 @@ class MoE(nn.Module):
             load=load,
         )
         return rearrange(y, "(b t) d -> b t d", b=B), stats
-
-    def dispatch(self, flat, weights, idx, load) -> torch.Tensor:
-        """Run each expert once on all tokens routed to it; no token is ever dropped.
-
-        The (token, slot) pairs are sorted by expert, so each expert sees one
-        contiguous slice; the loop is over experts, never over tokens.
-        """
-        K = idx.shape[1]
-        order = idx.flatten().argsort(stable=True)  # (N*K,) pairs grouped by expert
-        token_of_pair = order // K  # which token each sorted pair came from
-        weight_of_pair = weights.flatten()[order]
-        out = torch.zeros_like(flat)
-        start = 0
-        for expert, count in zip(self.experts, load.long().tolist()):
-            if count:
-                tokens = token_of_pair[start:start + count]
-                w = weight_of_pair[start:start + count, None].to(flat.dtype)
-                out.index_add_(0, tokens, expert(flat[tokens]) * w)
-            start += count
-        return out
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Exercise set 03: DeepSeekMoE -- the SwiGLU expert, the gate and the combination.
 
 References: ``minidsv3.layers.MLP`` and ``minidsv3.moe`` (Gate.select, Gate.forward,
-MoE.dispatch). Routing results are compared order-free: a (N, N_r) table holding each
+run_experts). Routing results are compared order-free: a (N, N_r) table holding each
 token's weight at its selected experts and zeros elsewhere.
 """
 
@@ -13,7 +13,7 @@ from einops import rearrange
 
 from ..config import ModelConfig
 from ..layers import MLP
-from ..moe import Gate, MoE
+from ..moe import Gate, LocalDispatcher, MoE, run_experts
 from .compare import expect_close, expect_equal, expect_tuple
 from .core import Fail, call, task
 
@@ -185,7 +185,7 @@ def check_gate(fn) -> int:
     return len(cases)
 
 
-@task(SET, "moe_combine", references=[MoE.forward, MoE.dispatch], hints=[
+@task(SET, "moe_combine", references=[MoE.forward, LocalDispatcher.__call__, run_experts], hints=[
     "For every token n and slot j, expert idx[n, j] processes x[n] and its output is scaled "
     "by weights[n, j].",
     "Sum over the K slots and add shared_expert(x): the shared expert sees every token.",
@@ -201,10 +201,9 @@ def check_moe_combine(fn) -> int:
         x = torch.randn(n, CFG.hidden_size, generator=gen)
         with torch.no_grad():
             weights, idx, _ = moe.gate(x)
-            load = torch.bincount(idx.flatten(), minlength=CFG.n_routed_experts).float()
-            routed = moe.dispatch(x, weights, idx, load)
+            routed = moe.dispatcher(x, weights, idx, moe.experts)
             shared = moe.shared_experts(x)
-            unweighted = moe.dispatch(x, torch.ones_like(weights), idx, load)
+            unweighted = moe.dispatcher(x, torch.ones_like(weights), idx, moe.experts)
         case = f"{n} tokens, {CFG.n_routed_experts} experts, top-{CFG.num_experts_per_tok}"
         with torch.no_grad():
             got = call(fn, x.clone(), weights.clone(), idx.clone(), list(moe.experts),
