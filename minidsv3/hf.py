@@ -62,10 +62,13 @@ def hf_name(name: str, num_hidden_layers: int) -> str:
     return f"model.{name}"
 
 
-def key_map(model: DeepSeekV3) -> dict[str, str]:
-    """Every checkpoint key -> the ``state_dict`` name it holds (MTP copies included)."""
+def key_map(model: DeepSeekV3, names=None) -> dict[str, str]:
+    """Every checkpoint key -> the ``state_dict`` name it holds (MTP copies included).
+
+    ``names`` defaults to ``model.state_dict()``'s (a sharded model passes its full ones).
+    """
     L = model.cfg.num_hidden_layers
-    keys = {hf_name(name, L): name for name in model.state_dict()}
+    keys = {hf_name(name, L): name for name in (model.state_dict() if names is None else names)}
     for k in range(len(model.mtp)):  # the release repeats the shared tensors per MTP layer
         keys[f"model.layers.{L + k}.embed_tokens.weight"] = "embed_tokens.weight"
         keys[f"model.layers.{L + k}.shared_head.head.weight"] = "lm_head.weight"
@@ -75,16 +78,19 @@ def key_map(model: DeepSeekV3) -> dict[str, str]:
 # ---------------------------------------------------------------- saving
 
 def save_pretrained(model: DeepSeekV3, save_dir: str | Path, max_shard_size: int = 5 * 10**9,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``config.json`` and the weights in the checkpoint layout.
 
     Past ``max_shard_size`` bytes the weights are split into
     ``model-0000i-of-0000n.safetensors`` files listed in ``model.safetensors.index.json``.
     ``dtype`` (e.g. ``torch.bfloat16``) casts floating tensors, the routing bias excepted.
+    A model sharded over processes passes its full ``state``, gathered on rank 0 by
+    ``sharding.full_model_state``, and rank 0 writes it.
     """
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
 
     def prepared(name: str) -> torch.Tensor:
         t = state[name].detach()
@@ -92,7 +98,7 @@ def save_pretrained(model: DeepSeekV3, save_dir: str | Path, max_shard_size: int
             t = t.to(dtype)
         return t.cpu().contiguous().clone()  # own memory: safetensors refuses shared storage
 
-    keys = key_map(model)
+    keys = key_map(model, state)
     shards: list[list[str]] = [[]]
     shard_bytes = 0
     for key, name in keys.items():

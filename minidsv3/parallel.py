@@ -200,3 +200,39 @@ def scale_expert_gradients(model: nn.Module) -> None:
             for p in moe.experts.parameters():
                 if p.grad is not None:
                     p.grad.div_(moe.dispatcher.size)
+
+
+class StepTraffic:
+    """What one training step's all-to-alls did, summed over its micro-batches and ranks.
+
+    Per MoE layer (main blocks, then MTP blocks): the mean and the largest number of
+    ranks a token was sent to (its fan-out, which ``topk_group`` bounds when expert
+    groups map to ranks) and the bytes the dispatch and the combine moved between ranks.
+    """
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None  # (L, 3): ranks reached, tokens, bytes
+        self.largest: torch.Tensor | None = None  # (L,): most ranks one token reached
+
+    def add(self, model: nn.Module) -> None:
+        """Take in the stats of the forward that just ran (nothing without EP)."""
+        stats = [m.dispatcher.last_stats for m in model.modules()
+                 if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
+        if not stats:
+            return
+        # (MTP layers see T - k tokens per sequence, so each layer is summed on its own.)
+        sums = torch.tensor([[s.ranks_reached.sum().item(), s.ranks_reached.numel(),
+                              s.dispatch_bytes + s.combine_bytes] for s in stats],
+                            dtype=torch.float64, device=stats[0].ranks_reached.device)
+        self.sums = sums if self.sums is None else self.sums + sums
+        most = torch.stack([s.ranks_reached.max() for s in stats]).double()
+        self.largest = most if self.largest is None else torch.maximum(self.largest, most)
+
+    def summary(self) -> dict[str, list[float]]:
+        """Totals over every rank (a collective: all ranks call it); {} without EP."""
+        if self.sums is None:
+            return {}
+        dist.all_reduce(self.sums)
+        dist.all_reduce(self.largest, op=dist.ReduceOp.MAX)
+        return {"fanout_mean": (self.sums[:, 0] / self.sums[:, 1]).tolist(),
+                "fanout_max": self.largest.tolist(), "alltoall_bytes": self.sums[:, 2].tolist()}

@@ -5,7 +5,9 @@
                          and at evaluations per validation batch and over the whole split;
 * ``expert_load.png`` -- heatmap of each MoE layer's expert loads on the validation
                          set at the last evaluation, as a multiple of the mean load;
-* ``bias.png``        -- every routing bias b_i over steps, one panel per MoE layer.
+* ``bias.png``        -- every routing bias b_i over steps, one panel per MoE layer;
+* ``fanout.png``      -- with expert parallelism: ranks each token is sent to (mean and
+                         largest) and all-to-all bytes per step, per MoE layer.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so saving them works
 without a display and does not touch a notebook's backend; notebooks can show the
@@ -98,6 +100,33 @@ def bias_figure(records: list[dict[str, Any]], layer_names: list[str] | None = N
     return fig
 
 
+def fanout_figure(records: list[dict[str, Any]], layer_names: list[str] | None = None,
+                  topk_group: int | None = None) -> Figure:
+    """Node-limited routing made visible: fan-out and traffic of the all-to-alls."""
+    steps, mean = _series(records, "fanout_mean")  # mean[t][layer]
+    if not steps:
+        raise ValueError("no fan-out in these records (trained without --ep?)")
+    _, largest = _series(records, "fanout_max")
+    _, sent = _series(records, "alltoall_bytes")
+    names = layer_names or [f"MoE layer {i}" for i in range(len(mean[0]))]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    reach, traffic = fig.subplots(1, 2)
+    for layer, name in enumerate(names):
+        line, = reach.plot(steps, [m[layer] for m in mean], label=f"{name} mean")
+        reach.plot(steps, [m[layer] for m in largest], ls=":", color=line.get_color(),
+                   label=f"{name} largest")
+        traffic.plot(steps, [b[layer] / 2**20 for b in sent], label=name)
+    if topk_group:
+        reach.axhline(topk_group, color="k", lw=0.8, label=f"topk_group = {topk_group}")
+    reach.set(xlabel="step", ylabel="ranks per token", title="fan-out of the dispatch")
+    traffic.set(xlabel="step", ylabel="MiB per step (all ranks)",
+                title="all-to-all bytes (dispatch + combine)")
+    for ax in (reach, traffic):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
 def moe_layer_names(run_dir: str | Path) -> list[str] | None:
     """'layer i' for each MoE block (main, then MTP) from the run's config.json, if present."""
     path = Path(run_dir) / "config.json"
@@ -119,6 +148,8 @@ def save_plots(run_dir: str | Path) -> list[Path]:
         figures["bias.png"] = bias_figure(records, names)
     if any("val_load" in r for r in records):
         figures["expert_load.png"] = load_heatmap_figure(records, names)
+    if any("fanout_mean" in r for r in records):
+        figures["fanout.png"] = fanout_figure(records, names)
     paths = []
     for name, fig in figures.items():
         fig.savefig(run_dir / name, dpi=110)

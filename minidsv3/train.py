@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, rundir, sharding
+from . import checkpoint, parallel, rundir, sharding
 from .data import (
     CharTokenizer,
     CorpusDownloadError,
@@ -101,14 +101,18 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def train_step(model, forward, optimizer, scheduler, batches, args, world,
-               autocast=None) -> dict[str, Any]:
+               autocast=None, meshes: sharding.Meshes | None = None) -> dict[str, Any]:
     """One optimizer step over ``batches`` (this rank's micro-batches); returns its numbers."""
     parts = []
+    traffic = parallel.StepTraffic()  # what the all-to-alls moved (expert parallelism only)
     for x, y in batches:
         with autocast or nullcontext():
             out = forward(x, y)
+        traffic.add(model)
         (out.loss / len(batches)).backward()
         parts.append(torch.stack([out.loss, out.ce, out.mtp, out.balance]).detach().float())
+    if meshes is not None:
+        sharding.reduce_expert_gradients(model, meshes)
     losses = torch.stack(parts).mean(0)  # (4,) loss, ce, mtp, balance
     moes = model.moe_layers()
     # (L, E) tokens per expert over the whole step: sums over micro-batches and ranks.
@@ -120,7 +124,7 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
             dist.all_reduce(loads)
     if not all(math.isfinite(v) for v in losses.tolist()):
         raise Diverged(f"loss is {losses[0].item()}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = sharding.clip_grad_norm(model, args.grad_clip, meshes)
     if not torch.isfinite(grad_norm):  # a finite loss can still have NaN gradients
         raise Diverged(f"gradient norm is {grad_norm.item()}")
     lr = optimizer.param_groups[0]["lr"]
@@ -134,7 +138,7 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
             moe.expert_load.zero_()
     loss, ce, mtp, balance = losses.tolist()
     return {"loss": loss, "ce": ce, "mtp": mtp, "balance": balance, "lr": lr,
-            "grad_norm": grad_norm.item(), "loads": loads.cpu()}
+            "grad_norm": grad_norm.item(), "loads": loads.cpu(), **traffic.summary()}
 
 
 @torch.no_grad()
@@ -198,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str] | None = None) -> DeepSeekV3:
     """Parse ``argv`` like the command line, train, and return the trained model.
 
-    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; the process group
-    lives exactly as long as the call.
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; a process group it
+    creates lives exactly as long as the call (one the caller made is kept, so that
+    the caller can still gather the sharded model, e.g. ``sharding.full_model_state``).
     """
     parser = build_parser()
     args, given = parse_command_line(parser, argv)
@@ -210,7 +215,8 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
         parser.error(str(err))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL talks to the current device
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()  # a caller's group is left alone
+    if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     try:
@@ -219,7 +225,7 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
     except rundir.RunDirError as err:
         parser.error(str(err))
     finally:
-        if world > 1 and dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -285,8 +291,13 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     if args.resume:  # into the whole model, every key and shape checked, before sharding
         with resume_errors(parser, out):
             checkpoint.load_weights(model, out)
+    meshes = None
     if world > 1:
-        sharding.shard_model(model, sharding.data_parallel_mesh(world, device))
+        try:
+            meshes = sharding.make_meshes(world, args.ep, device)
+            sharding.shard_model(model, meshes)
+        except ValueError as err:  # a layout that does not divide the experts or the ranks
+            parser.error(str(err))
     # Zero (not None) gradients for every parameter, kept between steps: an expert that
     # received no token still gets an AdamW update from zero gradients, whatever the
     # number of ranks, so 1 and N processes (and a resumed run) do the same arithmetic.
@@ -357,7 +368,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
                 batches.append((x[mine].to(device), y[mine].to(device)))
             step += 1  # the step being taken, as messages and records number it
             result = train_step(model, forward, optimizer, scheduler, batches, args, world,
-                                autocast)
+                                autocast, meshes)
             record: dict[str, Any] = {}
             if step % args.log_every == 0 or step == args.steps:
                 now = time.perf_counter()

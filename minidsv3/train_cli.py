@@ -25,7 +25,7 @@ AUX_LOSS_ALPHA = 0.001
 LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-alpha",
               "mtp_loss_lambda": "--mtp-lambda"}
 # Options that may differ when resuming: they change where or how fast, never what.
-RESUME_FREE = ("resume", "out", "device", "compile", "threads", "stop_after")
+RESUME_FREE = ("resume", "out", "device", "compile", "threads", "stop_after", "ep")
 FLOAT_OPTIONS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "bias_gamma", "aux_alpha",
                  "seq_alpha", "mtp_lambda")
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--ep", type=int, default=1, metavar="E",
+                   help="expert parallelism under torchrun: groups of E processes share out "
+                        "the routed experts of every MoE layer (1 = each holds all)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: one per core); on a machine busy with "
                         "other work, 1 is often much faster")
@@ -105,7 +108,7 @@ def _flag(name: str) -> str:
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world: int) -> None:
     """Refuse values that would fail later or silently do something else."""
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
-                 "log_every", "ckpt_every", "sample_chars", "threads", "stop_after"):
+                 "log_every", "ckpt_every", "sample_chars", "threads", "stop_after", "ep"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in FLOAT_OPTIONS:  # NaN would pass every comparison below
@@ -119,6 +122,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world:
             parser.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
         parser.error("need --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
+    if args.ep > 1 and world == 1:
+        parser.error(f"--ep {args.ep} splits the experts over {args.ep} processes, but this is "
+                     f"one process: launch with torchrun --nproc_per_node {args.ep} (or a "
+                     f"multiple of {args.ep}) -m minidsv3.train ...")
+    if world % args.ep:
+        parser.error(f"--ep {args.ep} must divide the number of processes ({world}): the "
+                     "processes split into equal expert-parallel groups")
     if args.batch_size % (args.grad_accum * world):
         parser.error(f"--batch-size {args.batch_size} must be divisible by --grad-accum "
                      f"{args.grad_accum} x {world} process(es)")

@@ -22,6 +22,7 @@ from torch.testing import assert_close
 from minidsv3 import DeepSeekV3, ModelConfig, set_seed
 from minidsv3.moe import LocalDispatcher, MoE
 from minidsv3.parallel import scale_expert_gradients, shard_experts
+from minidsv3.scale_out import alltoall_bytes, ranks_reached, remote_copies
 
 E = 2  # expert-parallel ranks
 CFG = ModelConfig.preset("tiny")  # 8 routed experts, top-2, 4 groups, 2 kept; MTP depth 1
@@ -288,3 +289,14 @@ def test_bad_layouts_are_refused(ranks):
         assert f"routed expert {other} lives on expert-parallel rank {1 - rank}" in errors["remote"]
     with pytest.raises(ValueError, match="expert parallelism needs torch.distributed"):
         shard_experts(_moe_layer())  # this process never initialised torch.distributed
+
+
+def test_measured_bytes_equal_the_scale_out_formula(ranks):
+    """The planning formula of scale_out.py predicts the bytes the dispatcher sent, from
+    the routing alone (a second, independent count of the ranks each token reaches)."""
+    for rank, res in enumerate(_results(ranks, "hand_routing")):
+        s, per_rank = res["stats"], CFG.n_routed_experts // E
+        copies = remote_copies(res["idx"], per_rank, rank)
+        assert s.dispatch_bytes == alltoall_bytes(copies, CFG.hidden_size, dtype_bytes=4)
+        assert s.combine_bytes == alltoall_bytes(copies, CFG.hidden_size, dtype_bytes=4)
+        assert torch.equal(s.ranks_reached, ranks_reached(res["idx"], per_rank))

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from minidsv3 import train, train_cli
+from minidsv3 import load_pretrained, save_pretrained, sharding, train, train_cli
 from minidsv3.checkpoint import load_model, load_state
 from minidsv3.config import ModelConfig
 from minidsv3.data import CharTokenizer
@@ -252,11 +253,16 @@ def _ddp_worker(rank, world, port, argv, result_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)  # kept after train() returns
     model = train.train(argv)
     # Parameters are sharded over the ranks (the checkpoint holds them whole); the routing
     # biases are buffers every rank keeps in full.
     biases = {k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")}
     torch.save(biases, Path(result_dir) / f"rank{rank}.pt")
+    weights = sharding.full_model_state(model)  # every rank takes part; rank 0 gets it all
+    if rank == 0:
+        save_pretrained(model, Path(result_dir) / "release-format", state=weights)
+    dist.destroy_process_group()
 
 
 def _spawn_two(corpus, out, result_dir, *extra):
@@ -267,16 +273,23 @@ def _spawn_two(corpus, out, result_dir, *extra):
              nprocs=2, join=True)
 
 
-def test_two_process_fsdp_matches_one_process(corpus, tmp_path):
-    """FSDP2 over 2 gloo ranks = one process on the same global batch: the checkpointed
-    (gathered) weights, the AdamW moments, the routing biases on every rank, the losses."""
-    steps = ["--steps", "4", "--grad-accum", "2", "--eval-every", "4", "--ckpt-every", "4"]
-    _spawn_two(corpus, tmp_path / "ddp", tmp_path, *steps)
-    train.train(_argv(corpus, tmp_path / "single", *steps))
+@pytest.mark.parametrize("extra", [[], ["--ep", "2"], ["--ep", "2", "num_nextn_predict_layers=0"]],
+                         ids=["fsdp", "fsdp+ep", "fsdp+ep-no-mtp"])
+def test_two_processes_match_one_process(corpus, tmp_path, extra):
+    """FSDP2 over 2 gloo ranks, with or without the experts split between them (--ep 2) =
+    one process on the same global batch: the checkpointed (gathered) weights, the AdamW
+    moments, the routing biases on every rank, the losses; gradient accumulation 2."""
+    steps = ["--steps", "3", "--grad-accum", "2", "--eval-every", "3", "--ckpt-every", "3"]
+    _spawn_two(corpus, tmp_path / "ddp", tmp_path, *steps, *extra)
+    train.train(_argv(corpus, tmp_path / "single", *steps, *[e for e in extra if "=" in e]))
     two, one = (load_file(tmp_path / run / "model.safetensors") for run in ("ddp", "single"))
     assert two.keys() == one.keys()
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=key)
+    released = load_pretrained(tmp_path / "release-format").state_dict()  # from the sharded run
+    assert released.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(released[key], value, rtol=0, atol=1e-5, msg=key)
     moments = [load_state(tmp_path / run)["optimizer"]["state"] for run in ("ddp", "single")]
     assert moments[0].keys() == moments[1].keys()  # keyed by parameter name, not position
     for name, state in moments[1].items():
@@ -292,15 +305,15 @@ def test_two_process_fsdp_matches_one_process(corpus, tmp_path):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_checkpoints_do_not_depend_on_the_world_size(corpus, tmp_path, first, then):
-    """4 steps in `first` processes, then 4 more in `then` after --resume, give the losses
-    and weights of one uninterrupted 8-step process."""
+@pytest.mark.parametrize("first, then, ep", [(2, 1, "1"), (1, 2, "1"), (2, 1, "2")])
+def test_checkpoints_do_not_depend_on_the_world_size(corpus, tmp_path, first, then, ep):
+    """4 steps in `first` processes (experts split over `ep` of them), then 4 more in
+    `then` after --resume, give the losses and weights of one uninterrupted process."""
     common = ["--steps", "8", "--eval-every", "8", "--ckpt-every", "4", "--log-every", "1"]
     train.train(_argv(corpus, tmp_path / "whole", *common))
     for world, extra in [(first, ["--stop-after", "4"]), (then, ["--resume"])]:
         if world == 2:
-            _spawn_two(corpus, tmp_path / "split", tmp_path, *common, *extra)
+            _spawn_two(corpus, tmp_path / "split", tmp_path, *common, *extra, "--ep", ep)
         else:
             train.train(_argv(corpus, tmp_path / "split", *common, *extra))
     whole, split = _records(tmp_path / "whole"), _records(tmp_path / "split")
@@ -328,6 +341,8 @@ def test_checkpoints_do_not_depend_on_the_world_size(corpus, tmp_path, first, th
     (["--bias-gamma", "-0.1"], "--bias-gamma must be >= 0, got -0.1"),
     (["--batch-size", "6", "--grad-accum", "4"], "must be divisible by --grad-accum"),
     (["--seq-len", "1000"], "--seq-len 1000 must be in"),
+    (["--ep", "2"], "--ep 2 splits the experts over 2 processes, but this is one process"),
+    (["--ep", "0"], "--ep must be >= 1, got 0"),
 ])
 def test_cli_refuses_bad_arguments(corpus, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -378,3 +393,13 @@ def test_gradient_accumulation_1x32_equals_2x16(corpus, tmp_path):
     for key in ("loss", "grad_norm"):  # AdamW hides a gradient scale error; the norm does not
         first = [_records(tmp_path / f"accum{a}")[0][key] for a in (1, 2)]
         assert math.isclose(*first, rel_tol=1e-4), key
+
+
+def test_an_expert_parallel_layout_that_does_not_divide_is_refused(capsys):
+    """Checked before any process group work: --ep must divide the processes."""
+    parser = train_cli.build_parser()
+    args = parser.parse_args(["--ep", "3"])
+    with pytest.raises(SystemExit):
+        train_cli.check_args(args, parser, world=2)
+    assert "--ep 3 must divide the number of processes (2)" in capsys.readouterr().err
+    train_cli.check_args(parser.parse_args(["--ep", "2"]), parser, world=4)  # 2 groups of 2
