@@ -19,6 +19,9 @@ expert loads are summed across ranks before the bias update, so the routing bias
 stay identical everywhere. Checkpoints hold full, unsharded state keyed by parameter
 name, so a run saved by N processes resumes in any number of them.
 
+This module is the loop (``train_step``, evaluation, samples); ``train_setup.py`` builds
+and resumes what it works on, ``train_cli.py`` is the command line.
+
 Everything a run writes lives in ``--out`` (default ``runs/toy``): the checkpoint
 (checkpoint.py), the lock and ``metrics.jsonl`` (rundir.py), ``samples.txt`` and PNG
 plots (plots.py). A checkpoint holds the step, optimizer, scheduler and data-generator
@@ -30,14 +33,12 @@ infinity in it, so the last checkpoint is always a good one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,16 @@ from tqdm import tqdm
 from . import checkpoint, parallel, rundir, sharding
 from .data import (
     CharTokenizer,
-    CorpusDownloadError,
     get_batch,
     iterate_eval_batches,
-    load_corpus,
-    prepare_corpus,
-    split_train_val,
 )
 from .generate import generate
-from .model import DeepSeekV3, set_seed
+from .model import DeepSeekV3
 from .moe import max_violation
 from .mtp import cross_entropy
 from .plots import save_plots
-from .train_cli import adopt_saved_args, build_parser, check_args, make_config, parse_command_line
+from .train_cli import build_parser, parse_command_line
+from .train_setup import pick_device, save_run, set_up
 
 # Speaker names as the corpus writes them ("NAME." on its own line, then the speech).
 SAMPLE_PROMPTS = ("KING HENRY.\n", "PORTIA.\n", "OTHELLO.\n", "ROMEO.\n")
@@ -68,36 +66,6 @@ SAMPLE_PROMPTS = ("KING HENRY.\n", "PORTIA.\n", "OTHELLO.\n", "ROMEO.\n")
 
 class Diverged(RuntimeError):
     """The loss, the gradients or the weights became NaN or infinite."""
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda, else mps, else cpu; an explicit choice must be available."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    if name == "auto":
-        name = next(kind for kind, ok in available.items() if ok)
-    elif not available[name]:
-        raise ValueError(f"--device {name} is not available on this machine; use --device auto")
-    if name == "cuda":  # one GPU per process under torchrun
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------- optimisation
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices (and the embedding); never norm weights or other vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_step(model, forward, optimizer, scheduler, batches, args, world,
@@ -229,121 +197,18 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
             dist.destroy_process_group()
 
 
-@contextmanager
-def resume_errors(parser: argparse.ArgumentParser, out: Path) -> Iterator[None]:
-    """Turn a damaged checkpoint, or one of another model, into a clean --resume error."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as err:  # checkpoint.py names the file
-        parser.error(f"--resume: {err}")
-    except (RuntimeError, KeyError, TypeError) as err:  # optimizer or RNG state that won't fit
-        parser.error(f"--resume: {out / 'state.pt'} does not fit this run ({err!r}); it was "
-                     "not written by this run's training")
-
-
 def run(args, given: set[str], parser, rank: int, world: int, device: torch.device
         ) -> DeepSeekV3:
     """Train in ``args.out``, which ``rundir.claim`` has checked (and, on rank 0, locked)."""
-    out = Path(args.out)
-    if args.resume:
-        with resume_errors(parser, out):
-            state = checkpoint.load_state(out)
-            args = adopt_saved_args(args, state["args"], given, parser)
-    check_args(args, parser, world)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if world > 1:
-        dist.barrier()  # every rank has checked --out before rank 0 writes to it
-
-    # Rank 0 prepares the corpus (maybe downloading it) before the others read it.
-    try:
-        if rank == 0:
-            corpus = prepare_corpus(args.text, args.data_dir)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            corpus = prepare_corpus(args.text, args.data_dir, verbose=False)
-        text, tokenizer = load_corpus(corpus)
-    except (CorpusDownloadError, FileNotFoundError, ValueError) as err:
-        parser.error(str(err))
-    ids = tokenizer.encode(text)
-    window = args.seq_len + 1  # the validation tenth, too, must hold one whole window
-    if len(ids) < 10 * window:
-        parser.error(f"{corpus} has {len(ids):,} characters, too few for --seq-len "
-                     f"{args.seq_len}: it needs {10 * window:,}, so that its last tenth (the "
-                     f"validation split) holds one window of {window}; use a longer --text or "
-                     "a shorter --seq-len")
-    train_ids, val_ids = split_train_val(ids)
-
-    if args.resume:
-        with resume_errors(parser, out):
-            cfg, saved_tokenizer = checkpoint.load_config(out), checkpoint.load_tokenizer(out)
-        if saved_tokenizer != tokenizer:
-            parser.error(f"the corpus {corpus} has a different vocabulary from the run in {out}")
-    else:
-        try:
-            cfg = make_config(args, tokenizer)
-        except ValueError as err:
-            parser.error(str(err))
-
-    set_seed(args.seed)  # same initial weights on every rank
-    model = DeepSeekV3(cfg).to(device)
-    if args.resume:  # into the whole model, every key and shape checked, before sharding
-        with resume_errors(parser, out):
-            checkpoint.load_weights(model, out)
-    meshes = None
-    if world > 1:
-        try:
-            meshes = sharding.make_meshes(world, args.ep, device)
-            sharding.shard_model(model, meshes)
-        except ValueError as err:  # a layout that does not divide the experts or the ranks
-            parser.error(str(err))
-    # Zero (not None) gradients for every parameter, kept between steps: an expert that
-    # received no token still gets an AdamW update from zero gradients, whatever the
-    # number of ranks, so 1 and N processes (and a resumed run) do the same arithmetic.
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.min_lr_ratio))
-    data_rng = torch.Generator().manual_seed(args.seed)  # the data position
+    r = set_up(args, given, parser, rank, world, device)
+    args, out, model, optimizer, scheduler = r.args, r.out, r.model, r.optimizer, r.scheduler
+    train_ids, val_ids, data_rng, meshes = r.train_ids, r.val_ids, r.data_rng, r.meshes
+    step = r.step
     metrics = out / "metrics.jsonl"
-    step = 0
-    if args.resume:
-        with resume_errors(parser, out):
-            sharding.load_full_optimizer_state(model, optimizer, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            data_rng.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            step = state["step"]
-        if rank == 0:
-            rundir.truncate_records(metrics, step)
 
     def save() -> None:
-        # Every rank takes part in gathering the full state; rank 0 writes it.
-        weights, optimizer_state = sharding.full_state(model, optimizer)
-        now = {"step": step, "optimizer": optimizer_state,
-               "scheduler": scheduler.state_dict(), "data_rng": data_rng.get_state(),
-               "torch_rng": torch.get_rng_state(), "args": vars(args)}
-        refused = None
-        if rank == 0:  # refuses (NonFiniteTensor) to save a NaN or an infinity
-            try:
-                checkpoint.save_checkpoint(out, model, tokenizer, now, weights)
-            except checkpoint.NonFiniteTensor as err:
-                refused = err
-        if world > 1:  # rank 0 tells the others, so that every rank stops together
-            flag = torch.tensor([float(refused is not None)])
-            dist.broadcast(flag, src=0)
-            if flag.item() and refused is None:
-                refused = checkpoint.NonFiniteTensor("rank 0 refused to save a non-finite tensor")
-        if refused is not None:
-            raise refused
-
-    if not args.resume:
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        save()  # step 0: from now on --resume always has something to start from
+        r.step = step
+        save_run(r, rank, world)
 
     forward = torch.compile(model) if args.compile else model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -413,7 +278,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
         if rank == 0:
             print(f"stopped after step {step} of {args.steps}; continue with --resume --out {out}")
     else:
-        finish(model, tokenizer, args, out, rank, started)
+        finish(model, r.tokenizer, args, out, rank, started)
     if world > 1:
         dist.barrier()
     return model

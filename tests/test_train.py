@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from minidsv3 import load_pretrained, save_pretrained, sharding, train, train_cli
+from minidsv3 import load_pretrained, save_pretrained, sharding, train, train_cli, train_setup
 from minidsv3.checkpoint import load_model, load_state
 from minidsv3.config import ModelConfig
 from minidsv3.data import CharTokenizer
@@ -68,7 +68,7 @@ def _tiny_setup(lr=1e-2):
     model = DeepSeekV3(ModelConfig.preset("tiny"))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    optimizer = torch.optim.AdamW(train.param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(train_setup.param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return model, optimizer, scheduler
 
@@ -160,7 +160,7 @@ def test_balance_modes_set_the_loss_coefficients(corpus):
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [train.lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(101)]
+    f = [train_setup.lr_factor(s, warmup=10, total=100, min_ratio=0.1) for s in range(101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine: never increases
     assert f[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
