@@ -115,10 +115,12 @@ def run_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weig
     out = torch.zeros_like(x)
     start = 0
     for module, count in zip(experts, counts):
-        if count:
-            rows = token[start:start + count]
-            w = weight[start:start + count, None].to(x.dtype)
-            out.index_add_(0, rows, module(x[rows]) * w)
+        # An expert with no token still runs, on an empty slice: its gradient is then zero
+        # rather than missing, as sharded data parallelism needs on every rank (FSDP
+        # reduce-scatters the same gradients everywhere).
+        rows = token[start:start + count]
+        w = weight[start:start + count, None].to(x.dtype)
+        out.index_add_(0, rows, module(x[rows]) * w)
         start += count
     return out
 

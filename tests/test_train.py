@@ -273,8 +273,14 @@ def _spawn_two(corpus, out, result_dir, *extra):
              nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("extra", [[], ["--ep", "2"], ["--ep", "2", "num_nextn_predict_layers=0"]],
-                         ids=["fsdp", "fsdp+ep", "fsdp+ep-no-mtp"])
+# 64 experts, 1 per token, for 128 tokens per rank: many experts get no token on a rank,
+# the case that breaks FSDP's reduce-scatter if an idle expert has no gradient there.
+IDLE_EXPERTS = ["n_routed_experts=64", "num_experts_per_tok=1", "n_group=1", "topk_group=1"]
+
+
+@pytest.mark.parametrize("extra", [[], IDLE_EXPERTS, ["--ep", "2"],
+                                   ["--ep", "2", "num_nextn_predict_layers=0"]],
+                         ids=["fsdp", "fsdp-idle-experts", "fsdp+ep", "fsdp+ep-no-mtp"])
 def test_two_processes_match_one_process(corpus, tmp_path, extra):
     """FSDP2 over 2 gloo ranks, with or without the experts split between them (--ep 2) =
     one process on the same global batch: the checkpointed (gathered) weights, the AdamW
