@@ -30,7 +30,7 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..model import DeepSeekV3, set_seed
 from ..scale import flops_per_token, parameter_counts
-from ..train import param_groups
+from ..train_setup import param_groups
 from . import int_at_least
 
 PHASES = ("forward", "backward", "optimizer", "bias update")
