@@ -134,9 +134,10 @@ class AllToAllDispatcher:
         x, w = arrived[:, :d], arrived[:, d:]
         row, slot = (arrived_ids >= 0).nonzero(as_tuple=True)
         mine = experts[self.rank * n:(self.rank + 1) * n]
-        # Nothing arrived: the empty x is the (empty) result; it keeps this rank in the
-        # autograd graph, so that it joins the backward all-to-alls the others start.
-        out = run_experts(x, row, arrived_ids[row, slot], w[row, slot], mine) if len(row) else x
+        # run_experts runs every local expert, even on nothing: when nothing arrived, out is
+        # still in the autograd graph, so this rank joins the backward all-to-alls the
+        # others start (and its experts get zero gradients, not none).
+        out = run_experts(x, row, arrived_ids[row, slot], w[row, slot], mine)
 
         # 5. combine: one vector per copy goes back to the rank of its token
         back = AllToAll.apply(out, recv_splits, send_splits, self.group)  # (S, d)

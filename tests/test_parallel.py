@@ -199,7 +199,8 @@ def _assert_layer_matches(results, bias=None):
         assert_close(res["y"], y[mine], **ATOL)
         # this rank's loss weighs its tokens E times more than the one-process mean does
         assert_close(res["x_grad"] / E, x.grad[mine], **ATOL)
-    # the owner collected both ranks' tokens (scaled by 1/E); experts nobody chose have no grad
+    # the owner collected both ranks' tokens (scaled by 1/E); experts nobody chose have zero
+    # gradients, in one process and on their owner alike (every expert runs, maybe on nothing)
     experts = {k for k in one if k.startswith("experts.")}
     assert experts == {k for res in results for k in res["grads"] if k.startswith("experts.")}
     for k in experts:
