@@ -158,6 +158,7 @@ def _worker(rank, port, out_dir):
             results[name] = scenario(rank)
         except Exception:  # reported by the test that reads this scenario
             results[name] = traceback.format_exc()
+    dist.barrier()  # nobody tears the group down while another rank still uses it
     dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 

@@ -262,6 +262,7 @@ def _ddp_worker(rank, world, port, argv, result_dir):
     weights = sharding.full_model_state(model)  # every rank takes part; rank 0 gets it all
     if rank == 0:
         save_pretrained(model, Path(result_dir) / "release-format", state=weights)
+    dist.barrier()  # nobody tears the group down while another rank still uses it
     dist.destroy_process_group()
 
 
