@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # The CPU wheel keeps installs fast on laptops and CI; users with a GPU can
-# `pip install torch` themselves first (any torch>=2.4 works).
+# `pip install torch` themselves first (any torch>=2.7 works: FSDP2 with ignored_params).
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: install train test lab notebooks lint clean
@@ -12,7 +12,7 @@ TORCH_PIN ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" || $(PY) -m pip install --quiet "torch>=2.4"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" || $(PY) -m pip install --quiet "torch>=2.7"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
