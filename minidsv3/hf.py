@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def hf_name(name: str, num_hidden_layers: int) -> str:
     return f"model.{name}"
 
 
-def key_map(model: DeepSeekV3, names=None) -> dict[str, str]:
+def key_map(model: DeepSeekV3, names: Iterable[str] | None = None) -> dict[str, str]:
     """Every checkpoint key -> the ``state_dict`` name it holds (MTP copies included).
 
     ``names`` defaults to ``model.state_dict()``'s (a sharded model passes its full ones).

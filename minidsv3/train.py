@@ -203,12 +203,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     r = set_up(args, given, parser, rank, world, device)
     args, out, model, optimizer, scheduler = r.args, r.out, r.model, r.optimizer, r.scheduler
     train_ids, val_ids, data_rng, meshes = r.train_ids, r.val_ids, r.data_rng, r.meshes
-    step = r.step
     metrics = out / "metrics.jsonl"
-
-    def save() -> None:
-        r.step = step
-        save_run(r, rank, world)
 
     forward = torch.compile(model) if args.compile else model
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -220,63 +215,64 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{n_params:,} parameters on {device} ({world} process(es)); {len(train_ids):,} "
               f"training / {len(val_ids):,} validation characters; writing to {out}")
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, unit="step",
+    bar = tqdm(total=args.steps, initial=r.step, disable=rank != 0, unit="step",
                dynamic_ncols=True)
     started = tick = time.perf_counter()
-    tick_step = last_ckpt = step
+    tick_step = last_ckpt = r.step
 
     try:
-        while step < args.steps:
+        while r.step < args.steps:
             batches = []
             for _ in range(args.grad_accum):
                 x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # global micro-batch
                 batches.append((x[mine].to(device), y[mine].to(device)))
-            step += 1  # the step being taken, as messages and records number it
+            r.step += 1  # the step being taken, as messages and records number it
             result = train_step(model, forward, optimizer, scheduler, batches, args, world,
                                 autocast, meshes)
             record: dict[str, Any] = {}
-            if step % args.log_every == 0 or step == args.steps:
+            if r.step % args.log_every == 0 or r.step == args.steps:
                 now = time.perf_counter()
                 loads = result.pop("loads")
-                record.update(step=step, **result,
-                              tokens_per_s=tokens_per_step * (step - tick_step) / (now - tick),
+                record.update(step=r.step, **result,
+                              tokens_per_s=tokens_per_step * (r.step - tick_step) / (now - tick),
                               elapsed_s=now - started)
                 if loads.numel():
                     record.update(maxvio_train=max_violation(loads).mean().item(),
                                   bias=[m.gate.e_score_correction_bias.tolist()
                                         for m in model.moe_layers()])
-                tick, tick_step = now, step
+                tick, tick_step = now, r.step
                 bar.set_postfix(loss=f"{result['loss']:.3f}",
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
-            bar.update(step - bar.n)
+            bar.update(r.step - bar.n)
             # Every rank evaluates (the same batches): a sharded model's forward needs them all.
-            if step % args.eval_every == 0 or step == args.steps:
-                last = step == args.steps  # the final evaluation reads the whole split
+            if r.step % args.eval_every == 0 or r.step == args.steps:
+                last = r.step == args.steps  # the final evaluation reads the whole split
                 ev = evaluate(model, val_ids, args.batch_size, args.seq_len,
                               None if last else args.eval_batches, device, autocast)
-                record.update(step=step, **ev)
+                record.update(step=r.step, **ev)
                 if rank == 0:
-                    bar.write(f"step {step}: val loss {ev['val_loss']:.4f}"
+                    bar.write(f"step {r.step}: val loss {ev['val_loss']:.4f}"
                               + (f", MaxVio global {ev['maxvio_global']:.3f}"
                                  if "maxvio_global" in ev else ""))
             if rank == 0 and record:
                 rundir.append_record(metrics, record)
-            if step % args.ckpt_every == 0 or step == args.steps or step == args.stop_after:
-                save()
-                last_ckpt = step
-            if step == args.stop_after:
+            if r.step % args.ckpt_every == 0 or r.step == args.steps or r.step == args.stop_after:
+                save_run(r, rank, world)
+                last_ckpt = r.step
+            if r.step == args.stop_after:
                 break
     except (Diverged, checkpoint.NonFiniteTensor) as err:
         raise Diverged(
-            f"{err} at step {step}; training stopped without saving it. The last good "
+            f"{err} at step {r.step}; training stopped without saving it. The last good "
             f"checkpoint (step {last_ckpt}) in {out} is intact; start a new --out with a lower "
             "--lr or a longer --warmup") from None
     finally:
         bar.close()
 
-    if step < args.steps:  # --stop-after: the run continues with --resume
+    if r.step < args.steps:  # --stop-after: the run continues with --resume
         if rank == 0:
-            print(f"stopped after step {step} of {args.steps}; continue with --resume --out {out}")
+            print(f"stopped after step {r.step} of {args.steps}; continue with --resume "
+                  f"--out {out}")
     else:
         finish(model, r.tokenizer, args, out, rank, started)
     if world > 1:
