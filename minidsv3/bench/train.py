@@ -3,12 +3,13 @@
 Prints, from one run:
 
 1. the fp32 matmul peak of this machine: the best FLOP/s of large square matmuls;
-2. tokens/s of the toy MoE and of its *dense twin* -- the same code and config with
-   ``first_k_dense_replace = num_hidden_layers``, so every main block uses a dense
-   SwiGLU of ``intermediate_size``. The toy preset sets ``intermediate_size =
-   moe_intermediate_size x (n_shared_experts + num_experts_per_tok)``, as the released
-   model does (18432 = 9 x 2048), so both do the same matmul work per token (the
-   MTP block is a MoE block in both);
+2. tokens/s of three models: the default recipe (MoE + MTP), the same model without
+   MTP, and its *dense twin* -- no MoE and no MTP: ``first_k_dense_replace =
+   num_hidden_layers``, so every block uses a dense SwiGLU of ``intermediate_size``. The
+   toy preset sets ``intermediate_size = moe_intermediate_size x (n_shared_experts +
+   num_experts_per_tok)``, as the released model does (18432 = 9 x 2048), so the MoE and
+   its twin do the same matmul work per token; the step-time ratios MoE / dense twin
+   (the price of routing) and MoE + MTP / MoE (the price of MTP) are printed apart;
 3. achieved FLOP/s = tokens/s x (6 N_active + attention) per token
    (``scale.flops_per_token``), as a share of the measured peak;
 4. seconds per step split into forward, backward, optimizer (clip + AdamW) and the
@@ -92,14 +93,23 @@ def time_training(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup
     return StepTimes({p: statistics.median(s) for p, s in samples.items()})
 
 
+def without_mtp(cfg: ModelConfig) -> ModelConfig:
+    """The same model with no multi-token-prediction module (D = 0)."""
+    return cfg.replace(num_nextn_predict_layers=0)
+
+
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """Every main block dense; refuses configs whose dense FFN is not the activated width."""
+    """No MoE and no MTP: every block a dense SwiGLU of the activated expert width.
+
+    Refuses configs whose dense FFN is not the activated width, whose twin would do
+    different work per token.
+    """
     active = cfg.moe_intermediate_size * (cfg.n_shared_experts + cfg.num_experts_per_tok)
     if cfg.intermediate_size != active:
         raise ValueError(f"intermediate_size={cfg.intermediate_size} differs from the activated "
                          f"expert width {active} = moe_intermediate_size x (n_shared_experts + "
                          "num_experts_per_tok), so a dense twin would not do equal work")
-    return cfg.replace(first_k_dense_replace=cfg.num_hidden_layers)
+    return without_mtp(cfg).replace(first_k_dense_replace=cfg.num_hidden_layers)
 
 
 def benchmark_configs(args: argparse.Namespace, parser: argparse.ArgumentParser
@@ -117,7 +127,7 @@ def benchmark_configs(args: argparse.Namespace, parser: argparse.ArgumentParser
     if not moe.num_nextn_predict_layers < args.seq_len <= moe.max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} must be in ({moe.num_nextn_predict_layers}, "
                      f"max_position_embeddings={moe.max_position_embeddings}]")
-    return [("toy MoE", moe), ("dense twin", dense)]
+    return [("MoE + MTP", moe), ("MoE", without_mtp(moe)), ("dense twin", dense)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batch {args.batch_size} x {args.seq_len} tokens; medians of {args.steps} steps "
           f"after {args.warmup} warm-up steps; random token ids\n")
 
-    header = (f"{'model':<11}{'params':>10}{'active':>10}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
+    header = (f"{'model':<12}{'params':>10}{'active':>10}{'tok/s':>9}{'GFLOP/s':>9}{'% peak':>8}"
               + "".join(f"{p + ' ms':>15}" for p in PHASES) + f"{'step ms':>9}")
     print(header)
     steps = {}
@@ -157,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         flops = tokens_per_s * flops_per_token(cfg, args.seq_len).training
         n_params = sum(p.numel() for p in DeepSeekV3(cfg).parameters())
         active = flops_per_token(cfg, args.seq_len).matmul / 2  # matmul weights per token
-        print(f"{name:<11}{n_params:>10,}{active:>10,.0f}{tokens_per_s:>9,.0f}"
+        print(f"{name:<12}{n_params:>10,}{active:>10,.0f}{tokens_per_s:>9,.0f}"
               f"{flops / 1e9:>9.1f}{100 * flops / peak:>7.1f}%"
               + "".join(f"{1e3 * s:>15.1f}" for s in times.phases.values())
               + f"{1e3 * times.step:>9.1f}")
-    ratio = steps["toy MoE"] / steps["dense twin"]
-    print(f"\nMoE step time / dense twin step time: {ratio:.2f}x (aim: <= 1.5x)")
+    print(f"\nMoE step / dense twin step (the price of routing): "
+          f"{steps['MoE'] / steps['dense twin']:.2f}x (aim: <= 1.15x)")
+    print(f"MoE + MTP step / MoE step (the price of MTP):      "
+          f"{steps['MoE + MTP'] / steps['MoE']:.2f}x (aim: <= 1.20x)")
     print("FLOPs per token: 6 x activated matmul weights (MTP block and second head pass "
           "included) + 3 x causal attention (scale.flops_per_token)")
     return 0
