@@ -5,16 +5,19 @@ backward, optimizer, bias update -- and nothing else: periodic evaluations and
 checkpoint writes are not training (and their cost differs between recipes), and the
 final whole-split evaluation, the samples and the plots run after the budget.
 
-The cosine schedule needs the total number of steps, so the run plans it. The first
-``CALIBRATION_SKIP`` steps of a process are slow (memory allocation, thread start-up,
-``torch.compile``) and are left out; the next ``CALIBRATION_STEPS`` are timed, and
+The cosine schedule needs the total number of steps, so the run plans it from the steps
+of the linear warm-up, whose lr does not depend on the total (nor does the lr of the
+step after it: the cosine starts at its peak). The first ``CALIBRATION_SKIP`` steps of a
+process are slow (memory allocation, thread start-up, ``torch.compile``) and are left
+out; the others are timed, and at the end of the warm-up
 
     total = steps done + floor(budget left / mean seconds of a timed step)
 
-becomes ``args.steps``, which the lr schedule reads. Planning happens within the linear
-warm-up, whose lr does not depend on the total, so a run planned to N steps computes
-exactly what ``--steps N`` computes. If later steps are slower than the timed ones, the
-run ends earlier, at the step that spends the budget.
+becomes ``args.steps``, which the lr schedule reads. So a run planned to N steps
+computes exactly what ``--steps N`` computes, and its plan rests on a long sample of
+steps (97 of the default 100), not on a few that a busy machine may have slowed down.
+If later steps are slower than the timed ones, the run ends earlier, at the step that
+spends the budget.
 
 Checkpoints keep the seconds spent and the plan: ``--resume`` continues the planned
 schedule with what is left of the budget. Under torchrun rank 0's clock decides, so
@@ -33,11 +36,11 @@ import torch
 import torch.distributed as dist
 
 CALIBRATION_SKIP = 3  # the first steps of a process, too slow to predict the others
-CALIBRATION_STEPS = 10  # the steps timed after them
+CALIBRATION_STEPS = 10  # the fewest steps a plan may be timed on
 
 
 class BudgetTooShort(ValueError):
-    """The budget ends before the schedule could be planned, or within the warm-up."""
+    """The budget is spent within the warm-up, before the schedule could be planned."""
 
 
 def plan_steps(done: int, spent: float, budget: float, seconds_per_step: float) -> int:
@@ -48,30 +51,28 @@ def plan_steps(done: int, spent: float, budget: float, seconds_per_step: float) 
 class TimeBudget:
     """The training seconds a run has spent of its budget, and its plan."""
 
-    def __init__(self, seconds: float, step: int, world: int, device: torch.device,
-                 spent: float = 0.0, planned: int | None = None):
+    def __init__(self, seconds: float, step: int, warmup: int, world: int,
+                 device: torch.device, spent: float = 0.0, planned: int | None = None):
         self.seconds = seconds  # --time-budget
         self.spent = spent  # seconds of the steps taken, over every process of the run
         self.planned = planned  # the planned total, None until planned
         self.world, self.device = world, device
+        self.warmup = warmup  # the step after which the schedule is planned
         # Each process times its own steps (a resumed one starts slow, too).
-        self.plan_at = step + CALIBRATION_SKIP + CALIBRATION_STEPS
+        self.timed_after = step + CALIBRATION_SKIP
         self._timed_from: float | None = None  # ``spent`` when the timed steps began
+        if planned is None and warmup - self.timed_after < CALIBRATION_STEPS:
+            raise BudgetTooShort(
+                f"--time-budget plans the schedule at the end of the linear warm-up (its lr "
+                f"does not depend on the total) from the time of at least {CALIBRATION_STEPS} "
+                f"of its steps after the first {CALIBRATION_SKIP}: need --warmup >= "
+                f"{self.timed_after + CALIBRATION_STEPS}, got {warmup}"
+                + (f"; this run stopped at step {step} before it was planned, so start it "
+                   "again in a new --out" if step else ""))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (the keyword arguments that restore it)."""
         return {"spent": self.spent, "planned": self.planned}
-
-    def check_warmup(self, step: int, warmup: int) -> None:
-        """A run not planned yet must finish its timed steps within the warm-up."""
-        if self.planned is None and self.plan_at > warmup:
-            raise BudgetTooShort(
-                f"--time-budget plans the schedule from the time of steps "
-                f"{self.plan_at - CALIBRATION_STEPS + 1}-{self.plan_at}, which must lie within "
-                f"the linear warm-up (its lr does not depend on the total): need --warmup >= "
-                f"{self.plan_at}, got {warmup}"
-                + (f"; this run stopped at step {step} before it was planned, so start it "
-                   "again in a new --out" if step else ""))
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -81,29 +82,23 @@ class TimeBudget:
         self.spent = self._agree(self.spent + perf_counter() - began)
 
     def after_step(self, step: int, args) -> None:
-        """Plan once the timed steps are done; end the run here if the budget is spent.
+        """Plan at the end of the warm-up; end the run here if the budget is spent.
 
         Both set ``args.steps``, the total that the loop and the lr schedule read.
         """
-        if step == self.plan_at - CALIBRATION_STEPS:
+        if step == self.timed_after:
             self._timed_from = self.spent
-        if self.planned is None and step == self.plan_at:
-            per_step = (self.spent - self._timed_from) / CALIBRATION_STEPS
-            self.planned = plan_steps(step, self.spent, self.seconds, per_step)
-            if self.planned < args.warmup:
-                needed = self.spent + (args.warmup - step) * per_step
-                raise BudgetTooShort(
-                    f"--time-budget {self.seconds:g} holds {self.planned} steps at the measured "
-                    f"{per_step:.3g} s per step, fewer than --warmup {args.warmup}: the lr would "
-                    f"never leave its linear warm-up. In a new --out, give a --time-budget of "
-                    f"at least {math.ceil(needed)} or a --warmup from {self.plan_at} to "
-                    f"{self.planned}")
-            args.steps = self.planned
+        if self.planned is None and step == self.warmup:
+            per_step = (self.spent - self._timed_from) / (step - self.timed_after)
+            self.planned = args.steps = plan_steps(step, self.spent, self.seconds, per_step)
         elif self.planned is None and self.spent >= self.seconds:
+            shortest = self.timed_after + CALIBRATION_STEPS  # the shortest warm-up to plan in
             raise BudgetTooShort(
-                f"--time-budget {self.seconds:g} was spent by step {step}, before the schedule "
-                f"could be planned (after step {self.plan_at}); give a larger --time-budget, in "
-                "a new --out")
+                f"--time-budget {self.seconds:g} was spent by step {step}, within the linear "
+                f"warm-up of {self.warmup} steps, at whose end the schedule is planned; in a "
+                f"new --out, give a --time-budget of at least about "
+                f"{math.ceil(self.spent / step * self.warmup)}"
+                + (f" or a --warmup from {shortest} to {step - 1}" if step > shortest else ""))
         elif self.planned is not None and self.spent >= self.seconds and step < args.steps:
             args.steps = step  # steps slower than the timed ones: the budget ends the run here
 

@@ -27,7 +27,7 @@ LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-a
               "mtp_loss_lambda": "--mtp-lambda"}
 # Options that may differ when resuming: they change where or how fast, never what.
 RESUME_FREE = ("resume", "out", "device", "compile", "threads", "stop_after", "ep")
-PLANNED_AFTER = CALIBRATION_SKIP + CALIBRATION_STEPS  # the step a --time-budget run plans at
+MIN_WARMUP = CALIBRATION_SKIP + CALIBRATION_STEPS  # of a --time-budget: steps it can time
 FLOAT_OPTIONS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "bias_gamma", "aux_alpha",
                  "seq_alpha", "mtp_lambda", "time_budget")
 
@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="train for this many seconds of training steps (evaluations and "
                         "checkpoints not counted; the final evaluation, samples and plots run "
-                        f"after it): steps {CALIBRATION_SKIP + 1}-{PLANNED_AFTER} are timed and "
-                        "--steps is planned so that the cosine schedule ends with the budget "
-                        f"(budget.py); needs --warmup >= {PLANNED_AFTER}; --resume continues the "
-                        "plan with the budget left")
+                        f"after it): the warm-up's steps after the first {CALIBRATION_SKIP} are "
+                        "timed, and at its end --steps is planned so that the cosine schedule "
+                        f"ends with the budget (budget.py); needs --warmup >= {MIN_WARMUP}; "
+                        "--resume continues the plan with the budget left")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per optimizer step, over all micro-batches and ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")

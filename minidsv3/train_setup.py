@@ -165,8 +165,8 @@ def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.d
     budget = None
     if args.time_budget is not None:  # a resumed run continues its budget and plan
         saved = (state.get("budget") or {}) if args.resume else {}
-        budget = TimeBudget(args.time_budget, step, world, device, **saved)
-        budget.check_warmup(step, args.warmup)  # BudgetTooShort: train() makes it a usage error
+        # BudgetTooShort (a warm-up too short to time): train() makes it a usage error.
+        budget = TimeBudget(args.time_budget, step, args.warmup, world, device, **saved)
 
     r = Run(args, out, tokenizer, train_ids, val_ids, model, optimizer, scheduler, data_rng,
             step, meshes, budget)

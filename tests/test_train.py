@@ -352,20 +352,6 @@ def test_the_plan_fills_the_budget_left_with_whole_steps():
     assert budget.plan_steps(13, 11.0, 10.0, 0.25) == 13  # overspent: none more
 
 
-class FakeClock:
-    """``budget.perf_counter``, which reads the clock at the start and at the end of each
-    training step: this process's step i takes ``seconds(i)``, and 100 s pass between two
-    steps (evaluations, checkpoints, logging), which the budget must not count."""
-
-    def __init__(self, seconds):
-        self.seconds, self.now, self.calls = seconds, 0.0, 0
-
-    def __call__(self):
-        self.calls += 1
-        self.now += self.seconds(self.calls // 2) if self.calls % 2 == 0 else 100.0
-        return self.now
-
-
 # Steps of 1/16 s (sums of them are exact in binary) and a 2 s budget: steps 4-13 are
 # timed, then 13 + (2 - 13/16) / (1/16) = 32 steps are planned.
 SIXTEENTH, PLANNED = 1 / 16, 32
@@ -385,12 +371,11 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING + BUDGET_ONLY} for r in records]
 
 
-def test_a_time_budget_plans_the_steps_it_holds(corpus, tmp_path, monkeypatch, capsys,
+def test_a_time_budget_plans_the_steps_it_holds(corpus, tmp_path, step_clock, capsys,
                                                 steps_32):
     # The first 3 steps are slow (1/4 s) and left out of the timing: at 1/16 s per step,
     # 2.5625 - (3/4 + 10/16) s left hold 19 more steps after step 13 -- 32 in all.
-    clock = FakeClock(lambda i: 1 / 4 if i <= 3 else SIXTEENTH)
-    monkeypatch.setattr(budget, "perf_counter", clock)
+    step_clock(lambda i: 1 / 4 if i <= 3 else SIXTEENTH)
     out = tmp_path / "run"
     train.train(_argv(corpus, out, budget=2.5625))
     records = _records(out)
@@ -408,11 +393,10 @@ def test_a_time_budget_plans_the_steps_it_holds(corpus, tmp_path, monkeypatch, c
             "evaluation, samples and plots ran outside the budget)") in capsys.readouterr().out
 
 
-def test_slower_steps_end_the_run_when_the_budget_is_spent(corpus, tmp_path, monkeypatch,
+def test_slower_steps_end_the_run_when_the_budget_is_spent(corpus, tmp_path, step_clock,
                                                           steps_32):
     # Planned at 1/16 s per step, the steps then take 1/8 s: 13/16 + 10/8 >= 2 at step 23.
-    clock = FakeClock(lambda i: SIXTEENTH if i <= 13 else 1 / 8)
-    monkeypatch.setattr(budget, "perf_counter", clock)
+    step_clock(lambda i: SIXTEENTH if i <= 13 else 1 / 8)
     out = tmp_path / "run"
     train.train(_argv(corpus, out, budget=2))
     records = _records(out)
@@ -426,17 +410,17 @@ def test_slower_steps_end_the_run_when_the_budget_is_spent(corpus, tmp_path, mon
     assert load_state(out)["step"] == 23 and (out / "samples.txt").exists()
 
 
-def test_a_resumed_budget_run_continues_its_plan(corpus, tmp_path, monkeypatch, capsys,
+def test_a_resumed_budget_run_continues_its_plan(corpus, tmp_path, step_clock, capsys,
                                                  steps_32):
     out = tmp_path / "run"
-    monkeypatch.setattr(budget, "perf_counter", FakeClock(lambda i: SIXTEENTH))
+    step_clock(lambda i: SIXTEENTH)
     train.train(_argv(corpus, out, "--stop-after", "20", budget=2))
     assert "stopped after step 20 of 32" in capsys.readouterr().out
     state = load_state(out)
     assert state["args"]["steps"] == PLANNED
     assert state["budget"] == {"spent": 20 / 16, "planned": PLANNED}
     # A fresh clock, as in a new process: it must neither re-plan nor forget the 1.25 s spent.
-    monkeypatch.setattr(budget, "perf_counter", FakeClock(lambda i: SIXTEENTH))
+    step_clock(lambda i: SIXTEENTH)
     train.train(_argv(corpus, out, "--resume", budget=2))
     records = _records(out)
     assert _without_timing(records) == steps_32
@@ -449,9 +433,9 @@ def test_a_resumed_budget_run_continues_its_plan(corpus, tmp_path, monkeypatch, 
     ("nan", [], "--time-budget must be a finite number, got nan"),
     ("inf", [], "--time-budget must be a finite number, got inf"),
     ("5", ["--steps", "12"], "give --time-budget or --steps, not both"),
-    ("5", ["--warmup", "12"], "time of steps 4-13, which must lie within the linear warm-up "
-                              "(its lr does not depend on the total): need --warmup >= 13, "
-                              "got 12"),
+    ("5", ["--warmup", "12"], "plans the schedule at the end of the linear warm-up (its lr does "
+                              "not depend on the total) from the time of at least 10 of its "
+                              "steps after the first 3: need --warmup >= 13, got 12"),
 ])
 def test_cli_refuses_bad_time_budgets(corpus, tmp_path, capsys, seconds, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -461,21 +445,28 @@ def test_cli_refuses_bad_time_budgets(corpus, tmp_path, capsys, seconds, extra, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
 
 
-@pytest.mark.parametrize("step_seconds, extra, message", [
-    (1.0, [], "--time-budget 2 was spent by step 2, before the schedule could be planned "
-              "(after step 13); give a larger --time-budget, in a new --out"),
-    (SIXTEENTH, ["--warmup", "40"],
-     "--time-budget 2 holds 32 steps at the measured 0.0625 s per step, fewer than --warmup "
-     "40: the lr would never leave its linear warm-up. In a new --out, give a --time-budget "
-     "of at least 3 or a --warmup from 13 to 32"),  # 40 steps of 1/16 s: 2.5 s
-])
-def test_a_budget_that_ends_within_the_warm_up_is_refused(corpus, tmp_path, monkeypatch,
-                                                          capsys, step_seconds, extra, message):
-    monkeypatch.setattr(budget, "perf_counter", FakeClock(lambda i: step_seconds))
+def test_the_plan_rests_on_every_warm_up_step_but_the_first_three(corpus, tmp_path,
+                                                                 step_clock):
+    # Steps 4-12 take 1/16 s and 13-21 take 3/16 s: 1/8 s on average over the warm-up (the
+    # last ten alone average 0.175 s). At step 21, 3/4 + 9/16 + 27/16 = 3 s are spent, and
+    # the 7 s left of 10 hold 56 more steps of 1/8 s.
+    step_clock(lambda i: 1 / 4 if i <= 3 else SIXTEENTH if i <= 12 else 3 / 16)
+    out = tmp_path / "run"
+    train.train(_argv(corpus, out, "--warmup", "21", "--stop-after", "21", budget=10))
+    state = load_state(out)
+    assert state["budget"] == {"spent": 3.0, "planned": 21 + 56}
+    assert state["args"]["steps"] == 21 + 56
+
+
+def test_a_budget_spent_within_the_warm_up_is_refused(corpus, tmp_path, step_clock, capsys):
+    # 40 warm-up steps of 1/16 s need 2.5 s.
+    step_clock(lambda i: SIXTEENTH)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(_argv(corpus, tmp_path / "run", *extra, budget=2))
+        train.main(_argv(corpus, tmp_path / "run", "--warmup", "40", budget=2))
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert ("--time-budget 2 was spent by step 32, within the linear warm-up of 40 steps, at "
+            "whose end the schedule is planned; in a new --out, give a --time-budget of at "
+            "least about 3 or a --warmup from 13 to 31") in capsys.readouterr().err
 
 
 def test_a_budget_run_stopped_before_its_plan_resumes_only_with_room_to_plan(corpus, tmp_path,
@@ -486,7 +477,7 @@ def test_a_budget_run_stopped_before_its_plan_resumes_only_with_room_to_plan(cor
         capsys.readouterr().out)
     saved = load_state(out)["budget"]
     assert saved["planned"] is None and saved["spent"] > 0
-    with pytest.raises(SystemExit):  # this process would time steps 9-18: past --warmup 13
+    with pytest.raises(SystemExit):  # 3 steps after step 5 untimed, then 10 timed: past 13
         train.main(_argv(corpus, out, "--resume", budget=1000))
     assert ("need --warmup >= 18, got 13; this run stopped at step 5 before it was planned, so "
             "start it again in a new --out") in capsys.readouterr().err
