@@ -79,6 +79,8 @@ class TimeBudget:
         """Count the wall-clock of the block (one training step) as spent."""
         began = perf_counter()
         yield
+        if self.device.type == "cuda":  # kernels run asynchronously: wait for this step's
+            torch.cuda.synchronize(self.device)  # (or whatever syncs next would count them)
         self.spent = self._agree(self.spent + perf_counter() - began)
 
     def after_step(self, step: int, args) -> None:
