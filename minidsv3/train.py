@@ -19,6 +19,10 @@ expert loads are summed across ranks before the bias update, so the routing bias
 stay identical everywhere. Checkpoints hold full, unsharded state keyed by parameter
 name, so a run saved by N processes resumes in any number of them.
 
+``--time-budget SECONDS`` trains for a wall-clock budget instead of a number of steps:
+the first steps are timed and ``--steps`` is planned from them, so that the cosine
+schedule ends with the budget (budget.py).
+
 This module is the loop (``train_step``, evaluation, samples); ``train_setup.py`` builds
 and resumes what it works on, ``train_cli.py`` is the command line.
 
@@ -47,6 +51,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint, parallel, rundir, sharding
+from .budget import BudgetTooShort, TimeBudget
 from .data import (
     CharTokenizer,
     get_batch,
@@ -190,7 +195,7 @@ def train(argv: list[str] | None = None) -> DeepSeekV3:
     try:
         with rundir.claim(Path(args.out), args.resume, lock=rank == 0):  # only rank 0 writes
             return run(args, given, parser, rank, world, device)
-    except rundir.RunDirError as err:
+    except (rundir.RunDirError, BudgetTooShort) as err:
         parser.error(str(err))
     finally:
         if own_group and dist.is_initialized():
@@ -203,6 +208,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     r = set_up(args, given, parser, rank, world, device)
     args, out, model, optimizer, scheduler = r.args, r.out, r.model, r.optimizer, r.scheduler
     train_ids, val_ids, data_rng, meshes = r.train_ids, r.val_ids, r.data_rng, r.meshes
+    budget = r.budget  # None without --time-budget
     metrics = out / "metrics.jsonl"
 
     forward = torch.compile(model) if args.compile else model
@@ -222,20 +228,27 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
 
     try:
         while r.step < args.steps:
-            batches = []
-            for _ in range(args.grad_accum):
-                x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # global micro-batch
-                batches.append((x[mine].to(device), y[mine].to(device)))
-            r.step += 1  # the step being taken, as messages and records number it
-            result = train_step(model, forward, optimizer, scheduler, batches, args, world,
-                                autocast, meshes)
+            with budget.step() if budget else nullcontext():  # what a --time-budget counts
+                batches = []
+                for _ in range(args.grad_accum):
+                    x, y = get_batch(train_ids, micro, args.seq_len, data_rng)  # all ranks' rows
+                    batches.append((x[mine].to(device), y[mine].to(device)))
+                r.step += 1  # the step being taken, as messages and records number it
+                result = train_step(model, forward, optimizer, scheduler, batches, args, world,
+                                    autocast, meshes)
+            if budget:
+                budget.after_step(r.step, args)  # may plan args.steps, or end the run here
+                bar.total = args.steps
+            last = r.step == args.steps
             record: dict[str, Any] = {}
-            if r.step % args.log_every == 0 or r.step == args.steps:
+            if r.step % args.log_every == 0 or last:
                 now = time.perf_counter()
                 loads = result.pop("loads")
                 record.update(step=r.step, **result,
                               tokens_per_s=tokens_per_step * (r.step - tick_step) / (now - tick),
                               elapsed_s=now - started)
+                if budget:
+                    record.update(budget.record(r.step, tokens_per_step, last))
                 if loads.numel():
                     record.update(maxvio_train=max_violation(loads).mean().item(),
                                   bias=[m.gate.e_score_correction_bias.tolist()
@@ -245,8 +258,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
                                 tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(r.step - bar.n)
             # Every rank evaluates (the same batches): a sharded model's forward needs them all.
-            if r.step % args.eval_every == 0 or r.step == args.steps:
-                last = r.step == args.steps  # the final evaluation reads the whole split
+            if r.step % args.eval_every == 0 or last:  # the final evaluation reads the whole split
                 ev = evaluate(model, val_ids, args.batch_size, args.seq_len,
                               None if last else args.eval_batches, device, autocast)
                 record.update(step=r.step, **ev)
@@ -256,7 +268,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
                                  if "maxvio_global" in ev else ""))
             if rank == 0 and record:
                 rundir.append_record(metrics, record)
-            if r.step % args.ckpt_every == 0 or r.step == args.steps or r.step == args.stop_after:
+            if r.step % args.ckpt_every == 0 or last or r.step == args.stop_after:
                 save_run(r, rank, world)
                 last_ckpt = r.step
             if r.step == args.stop_after:
@@ -271,17 +283,18 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
 
     if r.step < args.steps:  # --stop-after: the run continues with --resume
         if rank == 0:
-            print(f"stopped after step {r.step} of {args.steps}; continue with --resume "
-                  f"--out {out}")
+            total = (f"of {args.steps}" if budget is None or budget.planned
+                     else "(the time budget has not planned the total yet)")
+            print(f"stopped after step {r.step} {total}; continue with --resume --out {out}")
     else:
-        finish(model, r.tokenizer, args, out, rank, started)
+        finish(model, r.tokenizer, args, out, rank, started, budget)
     if world > 1:
         dist.barrier()
     return model
 
 
 def finish(model: DeepSeekV3, tokenizer: CharTokenizer, args, out: Path, rank: int,
-           started: float) -> None:
+           started: float, budget: TimeBudget | None) -> None:
     """Samples, plots and the closing summary of a run that reached its last step."""
     samples = sample_text(model, tokenizer, args.sample_chars, args.seed)  # every rank
     if rank == 0:
@@ -292,6 +305,10 @@ def finish(model: DeepSeekV3, tokenizer: CharTokenizer, args, out: Path, rank: i
         print(f"done: {args.steps} steps, final validation loss {final['val_loss']:.4f} "
               f"nats/char ({minutes:.1f} min of training)\n  samples: {out / 'samples.txt'}\n"
               f"  plots:   {', '.join(str(p) for p in plots)}")
+        if budget:
+            print(f"  time budget: {budget.seconds:g} s of training steps; {budget.spent:.1f} s "
+                  f"spent on {args.steps} of the {budget.planned} planned steps (the final "
+                  "evaluation, samples and plots ran outside the budget)")
 
 
 if __name__ == "__main__":

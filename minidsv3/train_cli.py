@@ -14,6 +14,7 @@ import math
 import typing
 from typing import Any
 
+from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS
 from .config import PRESETS, ModelConfig
 from .data import CharTokenizer
 
@@ -26,8 +27,9 @@ LOSS_FLAGS = {"aux_loss_alpha": "--seq-alpha", "expert_aux_loss_alpha": "--aux-a
               "mtp_loss_lambda": "--mtp-lambda"}
 # Options that may differ when resuming: they change where or how fast, never what.
 RESUME_FREE = ("resume", "out", "device", "compile", "threads", "stop_after", "ep")
+MIN_WARMUP = CALIBRATION_SKIP + CALIBRATION_STEPS  # of a --time-budget: steps it can time
 FLOAT_OPTIONS = ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "bias_gamma", "aux_alpha",
-                 "seq_alpha", "mtp_lambda")
+                 "seq_alpha", "mtp_lambda", "time_budget")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -53,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/toy", help="run directory for everything written")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500,
+                   help="optimizer steps (with --time-budget: planned, so leave it out)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="train for this many seconds of training steps (evaluations and "
+                        "checkpoints not counted; the final evaluation, samples and plots run "
+                        f"after it): the warm-up's steps after the first {CALIBRATION_SKIP} are "
+                        "timed, and at its end --steps is planned so that the cosine schedule "
+                        f"ends with the budget (budget.py); needs --warmup >= {MIN_WARMUP}; "
+                        "--resume continues the plan with the budget left")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per optimizer step, over all micro-batches and ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
@@ -114,8 +124,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world:
     for name in FLOAT_OPTIONS:  # NaN would pass every comparison below
         if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             parser.error(f"{_flag(name)} must be a finite number, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip"):
-        if not getattr(args, name) > 0:
+    for name in ("lr", "grad_clip", "time_budget"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"{_flag(name)} must be > 0, got {getattr(args, name)}")
     for name in ("weight_decay", "bias_gamma", "aux_alpha", "seq_alpha", "mtp_lambda"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
@@ -199,12 +209,20 @@ def make_config(args: argparse.Namespace, tokenizer: CharTokenizer) -> ModelConf
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None
                        ) -> tuple[argparse.Namespace, set[str]]:
     """The options, and the names of those written on the command line, even where the
-    value equals the default: ``--resume --steps 1500`` asks for 1500 steps."""
-    args = parser.parse_args(argv)
+    value equals the default: ``--resume --steps 1500`` asks for 1500 steps.
+
+    KEY=VALUE overrides may come anywhere, between options too (``parse_intermixed_args``).
+    """
+    args = parser.parse_intermixed_args(argv)
     unset = object()  # argparse leaves an attribute it finds already set alone
-    probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    probe = parser.parse_intermixed_args(argv,
+                                         argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     # argparse always fills in the KEY=VALUE list, as [] when there is none.
-    return args, {key for key, value in vars(probe).items() if value is not unset and value != []}
+    given = {key for key, value in vars(probe).items() if value is not unset and value != []}
+    if {"steps", "time_budget"} <= given:
+        parser.error("--time-budget plans the number of steps itself; give --time-budget or "
+                     "--steps, not both")
+    return args, given
 
 
 def adopt_saved_args(args, saved: dict[str, Any], given: set[str], parser) -> argparse.Namespace:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, rundir, sharding
+from .budget import TimeBudget
 from .data import CharTokenizer, CorpusDownloadError, load_corpus, prepare_corpus, split_train_val
 from .model import DeepSeekV3, set_seed
 from .train_cli import adopt_saved_args, check_args, make_config
@@ -82,6 +83,7 @@ class Run:
     data_rng: torch.Generator  # the data position
     step: int
     meshes: sharding.Meshes | None  # None in one process
+    budget: TimeBudget | None  # None without --time-budget
 
 
 def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.device) -> Run:
@@ -160,9 +162,14 @@ def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.d
             step = state["step"]
         if rank == 0:
             rundir.truncate_records(out / "metrics.jsonl", step)
+    budget = None
+    if args.time_budget is not None:  # a resumed run continues its budget and plan
+        saved = (state.get("budget") or {}) if args.resume else {}
+        # BudgetTooShort (a warm-up too short to time): train() makes it a usage error.
+        budget = TimeBudget(args.time_budget, step, args.warmup, world, device, **saved)
 
     r = Run(args, out, tokenizer, train_ids, val_ids, model, optimizer, scheduler, data_rng,
-            step, meshes)
+            step, meshes, budget)
     if not args.resume:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +184,8 @@ def save_run(r: Run, rank: int, world: int) -> None:
     weights, optimizer_state = sharding.full_state(r.model, r.optimizer)
     now = {"step": r.step, "optimizer": optimizer_state,
            "scheduler": r.scheduler.state_dict(), "data_rng": r.data_rng.get_state(),
-           "torch_rng": torch.get_rng_state(), "args": vars(r.args)}
+           "torch_rng": torch.get_rng_state(), "args": vars(r.args),
+           "budget": r.budget.state() if r.budget else None}
     refused = None
     if rank == 0:
         try:

@@ -1,5 +1,7 @@
-"""The benchmark CLIs refuse bad options with a usage error before any work is done."""
+"""The benchmark CLIs refuse bad options with a usage error before any work is done;
+the wall-clock comparison tables what its runs recorded."""
 
+import json
 import re
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from minidsv3 import DeepSeekV3, ModelConfig
 from minidsv3.bench.__main__ import main as bench
 from minidsv3.bench.decode import PROMPTS
-from minidsv3.checkpoint import save_checkpoint
+from minidsv3.checkpoint import load_config, save_checkpoint
 from minidsv3.data import CharTokenizer
 
 BAD_OPTIONS = [
@@ -25,6 +27,12 @@ BAD_OPTIONS = [
     (["decode", "--repeats", "0"], "--repeats: '0' is not an integer >= 1"),
     (["decode", "--contexts", "256", "0"], "--contexts: '0' is not an integer >= 1"),
     (["decode", "--fallback-steps", "0"], "--fallback-steps: '0' is not an integer >= 1"),
+    (["wallclock", "--seconds", "0"], "--seconds: '0' is not a number of seconds > 0"),
+    (["wallclock", "--seconds", "nan"], "--seconds: 'nan' is not a number of seconds > 0"),
+    (["wallclock", "--steps", "100"], "--steps is set by the bench .*; leave it out"),
+    (["wallclock", "--resume"], "--resume is set by the bench"),
+    (["wallclock", "hiden_size=8"], "unknown config field 'hiden_size'"),
+    (["wallclock", "--preset", "tiny"], "--preset tiny has no dense twin: intermediate_size=64"),
 ]
 
 
@@ -60,3 +68,47 @@ def test_decode_refuses_runs_it_cannot_use(tmp_path):
     (tmp_path / "digits" / "config.json").write_text("{not json")
     with pytest.raises(SystemExit, match=f"--run {re.escape(run)}: "):
         bench([*FAST_DECODE, "--run", run])
+
+
+RECIPES = {"MoE + MTP": "moe-mtp", "MoE": "moe", "dense twin": "dense"}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_wallclock_tables_what_its_three_runs_recorded(tmp_path, capsys, step_clock):
+    text = tmp_path / "night.txt"
+    text.write_text("".join(f"ROMEO.\nThe {i % 7} stars of night are fair, {i % 5} lords.\n"
+                            for i in range(80)), encoding="utf-8")
+    out_dir = tmp_path / "bench"
+    # The tiny preset's dense FFN made as wide as its activated experts: 16 x (1 + 2).
+    argv = ["wallclock", "--seconds", "2", "--out-dir", str(out_dir), "--preset", "tiny",
+            "intermediate_size=48", "--text", str(text), "--data-dir", str(tmp_path / "data"),
+            "--batch-size", "8", "--seq-len", "32", "--warmup", "13", "--eval-batches", "2",
+            "--sample-chars", "5"]
+    step_clock(lambda i: 1 / 16)  # 13 + (2 - 13/16) x 16 = 32 steps for every run
+    assert bench(argv) == 0
+    printed = capsys.readouterr().out
+    lines = printed[printed.index("\nrecipe  "):].strip().splitlines()[1:]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r" {2,}", line) for line in lines)}
+    assert rows.keys() == RECIPES.keys()
+    finals = {label: json.loads((out_dir / run / "metrics.jsonl").read_text().splitlines()[-1])
+              for label, run in RECIPES.items()}
+    ref = finals["MoE + MTP"]
+    for label, final in finals.items():
+        assert rows[label] == [
+            str(final["step"]), str(final["planned_steps"]), f"{final['train_seconds']:.1f}",
+            f"{final['train_tokens_per_s']:,.0f}", f"{final['val_loss']:.4f}",
+            f"{final['val_loss'] - ref['val_loss']:+.4f}",
+            f"{final['train_tokens_per_s'] / ref['train_tokens_per_s']:.2f}x"], label
+        assert rows[label][:4] == ["32", "32", "2.0", "4,096"]  # 32 x 8 x 32 tokens in 2 s
+    assert len({final["val_loss"] for final in finals.values()}) == 3  # three models
+    # The three models: MTP or not, MoE or the dense twin of the tiny preset's 2 layers.
+    configs = {label: load_config(out_dir / run) for label, run in RECIPES.items()}
+    assert [(c.num_nextn_predict_layers, c.first_k_dense_replace, c.intermediate_size)
+            for c in configs.values()] == [(1, 1, 48), (0, 1, 48), (0, 2, 48)]
+
+    # The runs are compared only when trained back to back: they are never reused.
+    with pytest.raises(SystemExit) as exit_:
+        bench(argv)
+    assert exit_.value.code == 2
+    assert (f"--out-dir {out_dir} already holds moe-mtp, moe, dense; the runs are compared only "
+            "when trained back to back") in capsys.readouterr().err

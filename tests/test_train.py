@@ -18,7 +18,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from minidsv3 import load_pretrained, save_pretrained, sharding, train, train_cli, train_setup
+from minidsv3 import (
+    budget,
+    load_pretrained,
+    save_pretrained,
+    sharding,
+    train,
+    train_cli,
+    train_setup,
+)
 from minidsv3.checkpoint import load_model, load_state
 from minidsv3.config import ModelConfig
 from minidsv3.data import CharTokenizer
@@ -44,12 +52,15 @@ def corpus(tmp_path_factory):
     return folder / "play.txt", folder / "data"
 
 
-def _argv(corpus, out, *extra):
+def _argv(corpus, out, *extra, budget=None):
+    """12 steps, or a --time-budget of ``budget`` seconds (which needs --warmup >= 13)."""
     text, data_dir = corpus
+    length = (["--steps", "12", "--warmup", "2"] if budget is None
+              else ["--time-budget", str(budget), "--warmup", "13"])
     return ["--preset", "tiny", "--text", str(text), "--data-dir", str(data_dir),
-            "--out", str(out), "--steps", "12", "--batch-size", "8", "--seq-len", "32",
+            "--out", str(out), "--batch-size", "8", "--seq-len", "32",
             "--eval-every", "6", "--eval-batches", "2", "--log-every", "1", "--ckpt-every", "6",
-            "--sample-chars", "20", "--lr", "3e-3", "--warmup", "2", *extra]
+            "--sample-chars", "20", "--lr", "3e-3", *length, *extra]
 
 
 def _records(run_dir):
@@ -330,6 +341,146 @@ def test_checkpoints_do_not_depend_on_the_world_size(corpus, tmp_path, first, th
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "split"))
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------- --time-budget
+
+def test_the_plan_fills_the_budget_left_with_whole_steps():
+    # 13 steps done in 1.5 s of a 10 s budget at 0.25 s per step: 8.5 / 0.25 = 34 more.
+    assert budget.plan_steps(13, 1.5, 10.0, 0.25) == 47
+    assert budget.plan_steps(13, 1.5, 10.0, 0.3) == 13 + 28  # 28.3 steps fit: 28 are taken
+    assert budget.plan_steps(13, 11.0, 10.0, 0.25) == 13  # overspent: none more
+
+
+# Steps of 1/16 s (sums of them are exact in binary) and a 2 s budget: steps 4-13 are
+# timed, then 13 + (2 - 13/16) / (1/16) = 32 steps are planned.
+SIXTEENTH, PLANNED = 1 / 16, 32
+BUDGET_ONLY = ("train_seconds", "time_budget_s", "planned_steps", "train_tokens_per_s")
+TIMING = ("tokens_per_s", "elapsed_s")
+
+
+@pytest.fixture(scope="module")
+def steps_32(corpus, one_thread, tmp_path_factory):
+    """The records of the same run given --steps 32 (and the same --warmup 13)."""
+    out = tmp_path_factory.mktemp("steps32") / "run"
+    train.train(_argv(corpus, out, "--steps", str(PLANNED), "--warmup", "13"))
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in _records(out)]
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING + BUDGET_ONLY} for r in records]
+
+
+def test_a_time_budget_plans_the_steps_it_holds(corpus, tmp_path, step_clock, capsys,
+                                                steps_32):
+    # The first 3 steps are slow (1/4 s) and left out of the timing: at 1/16 s per step,
+    # 2.5625 - (3/4 + 10/16) s left hold 19 more steps after step 13 -- 32 in all.
+    step_clock(lambda i: 1 / 4 if i <= 3 else SIXTEENTH)
+    out = tmp_path / "run"
+    train.train(_argv(corpus, out, budget=2.5625))
+    records = _records(out)
+    # Planning within the warm-up changed nothing: the losses, lr schedule, evaluations and
+    # biases of --steps 32, to the bit.
+    assert _without_timing(records) == steps_32
+    assert [r["train_seconds"] for r in records] == [
+        r["step"] / 16 + min(r["step"], 3) * (1 / 4 - 1 / 16) for r in records]
+    final = records[-1]
+    assert (final["step"], final["planned_steps"]) == (PLANNED, PLANNED)
+    assert final["train_seconds"] == final["time_budget_s"] == 2.5625
+    assert final["train_tokens_per_s"] == 32 * 8 * 32 / 2.5625  # steps x batch x seq-len / s
+    assert load_state(out)["args"]["steps"] == PLANNED  # what --resume continues
+    assert ("2.5625 s of training steps; 2.6 s spent on 32 of the 32 planned steps (the final "
+            "evaluation, samples and plots ran outside the budget)") in capsys.readouterr().out
+
+
+def test_slower_steps_end_the_run_when_the_budget_is_spent(corpus, tmp_path, step_clock,
+                                                          steps_32):
+    # Planned at 1/16 s per step, the steps then take 1/8 s: 13/16 + 10/8 >= 2 at step 23.
+    step_clock(lambda i: SIXTEENTH if i <= 13 else 1 / 8)
+    out = tmp_path / "run"
+    train.train(_argv(corpus, out, budget=2))
+    records = _records(out)
+    final = records[-1]
+    assert (final["step"], final["planned_steps"], final["train_seconds"]) == (23, 32, 2.0625)
+    # The planned schedule, up to the step that spent the budget...
+    assert _without_timing(records[:-1]) == steps_32[:22]
+    assert final["lr"] == steps_32[22]["lr"] and final["loss"] == steps_32[22]["loss"]
+    # ... then what a last step does: the whole-split evaluation, a checkpoint, samples.
+    assert "val_loss" in final and "val_loss" not in steps_32[22]
+    assert load_state(out)["step"] == 23 and (out / "samples.txt").exists()
+
+
+def test_a_resumed_budget_run_continues_its_plan(corpus, tmp_path, step_clock, capsys,
+                                                 steps_32):
+    out = tmp_path / "run"
+    step_clock(lambda i: SIXTEENTH)
+    train.train(_argv(corpus, out, "--stop-after", "20", budget=2))
+    assert "stopped after step 20 of 32" in capsys.readouterr().out
+    state = load_state(out)
+    assert state["args"]["steps"] == PLANNED
+    assert state["budget"] == {"spent": 20 / 16, "planned": PLANNED}
+    # A fresh clock, as in a new process: it must neither re-plan nor forget the 1.25 s spent.
+    step_clock(lambda i: SIXTEENTH)
+    train.train(_argv(corpus, out, "--resume", budget=2))
+    records = _records(out)
+    assert _without_timing(records) == steps_32
+    assert (records[-1]["train_seconds"], records[-1]["planned_steps"]) == (2.0, PLANNED)
+
+
+@pytest.mark.parametrize("seconds, extra, message", [
+    ("0", [], "--time-budget must be > 0, got 0.0"),
+    ("-3", [], "--time-budget must be > 0, got -3.0"),
+    ("nan", [], "--time-budget must be a finite number, got nan"),
+    ("inf", [], "--time-budget must be a finite number, got inf"),
+    ("5", ["--steps", "12"], "give --time-budget or --steps, not both"),
+    ("5", ["--warmup", "12"], "plans the schedule at the end of the linear warm-up (its lr does "
+                              "not depend on the total) from the time of at least 10 of its "
+                              "steps after the first 3: need --warmup >= 13, got 12"),
+])
+def test_cli_refuses_bad_time_budgets(corpus, tmp_path, capsys, seconds, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(_argv(corpus, tmp_path / "run", *extra, budget=seconds))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
+
+
+def test_the_plan_rests_on_every_warm_up_step_but_the_first_three(corpus, tmp_path,
+                                                                 step_clock):
+    # Steps 4-12 take 1/16 s and 13-21 take 3/16 s: 1/8 s on average over the warm-up (the
+    # last ten alone average 0.175 s). At step 21, 3/4 + 9/16 + 27/16 = 3 s are spent, and
+    # the 7 s left of 10 hold 56 more steps of 1/8 s.
+    step_clock(lambda i: 1 / 4 if i <= 3 else SIXTEENTH if i <= 12 else 3 / 16)
+    out = tmp_path / "run"
+    train.train(_argv(corpus, out, "--warmup", "21", "--stop-after", "21", budget=10))
+    state = load_state(out)
+    assert state["budget"] == {"spent": 3.0, "planned": 21 + 56}
+    assert state["args"]["steps"] == 21 + 56
+
+
+def test_a_budget_spent_within_the_warm_up_is_refused(corpus, tmp_path, step_clock, capsys):
+    # 40 warm-up steps of 1/16 s need 2.5 s.
+    step_clock(lambda i: SIXTEENTH)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(_argv(corpus, tmp_path / "run", "--warmup", "40", budget=2))
+    assert exit_info.value.code == 2
+    assert ("--time-budget 2 was spent by step 32, within the linear warm-up of 40 steps, at "
+            "whose end the schedule is planned; in a new --out, give a --time-budget of at "
+            "least about 3 or a --warmup from 13 to 31") in capsys.readouterr().err
+
+
+def test_a_budget_run_stopped_before_its_plan_resumes_only_with_room_to_plan(corpus, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "run"
+    train.train(_argv(corpus, out, "--stop-after", "5", budget=1000))
+    assert "stopped after step 5 (the time budget has not planned the total yet)" in (
+        capsys.readouterr().out)
+    saved = load_state(out)["budget"]
+    assert saved["planned"] is None and saved["spent"] > 0
+    with pytest.raises(SystemExit):  # 3 steps after step 5 untimed, then 10 timed: past 13
+        train.main(_argv(corpus, out, "--resume", budget=1000))
+    assert ("need --warmup >= 18, got 13; this run stopped at step 5 before it was planned, so "
+            "start it again in a new --out") in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bad arguments

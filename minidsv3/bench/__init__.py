@@ -1,7 +1,9 @@
 """Benchmark scripts that print figures (never timed tests): ``python -m minidsv3.bench``.
 
 * ``train``  -- training throughput of the toy MoE vs its dense twin, FLOP/s vs peak;
-* ``decode`` -- generation speed, cache sizes and MTP speculative decoding.
+* ``decode`` -- generation speed, cache sizes and MTP speculative decoding;
+* ``wallclock`` -- validation loss of MoE + MTP, MoE and the dense twin, each trained
+  for the same seconds (``train --time-budget``).
 """
 
 import argparse
