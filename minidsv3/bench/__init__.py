@@ -1,7 +1,9 @@
 """Benchmark scripts that print figures (never timed tests): ``python -m minidsv3.bench``.
 
 * ``train``  -- training throughput of the toy MoE vs its dense twin, FLOP/s vs peak;
-* ``decode`` -- generation speed, cache sizes and MTP speculative decoding.
+* ``decode`` -- generation speed, cache sizes and MTP speculative decoding;
+* ``hf``     -- a training step vs HF transformers' ``DeepseekV3ForCausalLM`` on the same
+  config and weights (skipped, exit 0, when transformers is not installed).
 """
 
 import argparse
