@@ -1,14 +1,19 @@
 """The benchmark CLIs refuse bad options with a usage error before any work is done;
-the wall-clock comparison tables what its runs recorded."""
+the wall-clock comparison tables what its runs recorded; the HF comparison skips
+cleanly without transformers, and maps our config to HF's."""
 
+import builtins
 import json
 import re
+import sys
+import types
 
 import pytest
 
 from minidsv3 import DeepSeekV3, ModelConfig
 from minidsv3.bench.__main__ import main as bench
 from minidsv3.bench.decode import PROMPTS
+from minidsv3.bench.hf import hf_config_kwargs, hf_equivalent
 from minidsv3.checkpoint import load_config, save_checkpoint
 from minidsv3.data import CharTokenizer
 
@@ -33,6 +38,14 @@ BAD_OPTIONS = [
     (["wallclock", "--resume"], "--resume is set by the bench"),
     (["wallclock", "hiden_size=8"], "unknown config field 'hiden_size'"),
     (["wallclock", "--preset", "tiny"], "--preset tiny has no dense twin: intermediate_size=64"),
+    (["hf", "--steps", "0"], "--steps: '0' is not an integer >= 1"),
+    (["hf", "--threads", "0"], "--threads: '0' is not an integer >= 1"),
+    (["hf", "--seq-len", "1000"], "--seq-len 1000 .*max_position_embeddings=256"),
+    (["hf", "--attn-implementation", "flash"], "--attn-implementation: invalid choice: 'flash'"),
+    (["hf", "--preset", "deepseek-v2-lite"],
+     "--preset deepseek-v2-lite: .*routes only as DeepSeek-V3 does .*'noaux_tc'"),
+    (["hf", "--preset", "deepseek-v3"],
+     "--preset deepseek-v3 has [0-9,]{15} parameters.*at most 100,000,000"),
 ]
 
 
@@ -112,3 +125,73 @@ def test_wallclock_tables_what_its_three_runs_recorded(tmp_path, capsys, step_cl
     assert exit_.value.code == 2
     assert (f"--out-dir {out_dir} already holds moe-mtp, moe, dense; the runs are compared only "
             "when trained back to back") in capsys.readouterr().err
+SKIP_LINES = {
+    "absent": "transformers is not installed: pip install transformers to compare minidsv3's "
+              "training step with HF's DeepseekV3ForCausalLM; skipped",
+    "too old": "transformers 4.40.0 is too old: this comparison needs >= 5, whose "
+               "DeepseekV3ForCausalLM it was written against; pip install -U transformers to "
+               "compare; skipped",
+}
+
+
+@pytest.mark.parametrize("transformers", SKIP_LINES)
+def test_hf_benchmark_skips_cleanly_without_transformers(transformers, monkeypatch, capsys):
+    """One line and exit 0, whether or not transformers is really installed here."""
+    # Forget transformers and the benchmark module, so both are imported again below.
+    for name in [n for n in sys.modules
+                 if n.split(".")[0] == "transformers" or n == "minidsv3.bench.hf"]:
+        monkeypatch.delitem(sys.modules, name)
+    if transformers == "absent":
+        real_import = builtins.__import__
+
+        def import_without_transformers(name, *args, **kwargs):
+            if name.split(".")[0] == "transformers":
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", import_without_transformers)
+    else:
+        old = types.ModuleType("transformers")
+        old.__version__ = "4.40.0"
+        monkeypatch.setitem(sys.modules, "transformers", old)
+    assert bench(["hf", "--steps", "1"]) == 0
+    # Nothing else printed: the skip comes before any model is built or timed.
+    assert capsys.readouterr().out.splitlines() == [SKIP_LINES[transformers]]
+
+
+def test_hf_config_kwargs_are_the_release_fields_plus_training_ones():
+    cfg = ModelConfig.preset("toy", vocab_size=84)
+    kwargs = hf_config_kwargs(cfg)
+    # What HF's DeepseekV3Config reads, stated by hand from the toy preset.
+    assert {k: kwargs[k] for k in (
+        "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "first_k_dense_replace",
+        "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank",
+        "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+        "num_experts_per_tok", "n_group", "topk_group", "routed_scaling_factor",
+        "norm_topk_prob", "rope_interleave", "use_cache")} == dict(
+        model_type="deepseek_v3", vocab_size=84, hidden_size=128, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True, use_cache=False)
+    assert "torch_dtype" not in kwargs  # the release's bfloat16; the benchmark trains in fp32
+    assert ModelConfig.from_dict(kwargs) == cfg  # our reader gets the same model back
+
+
+@pytest.mark.parametrize("routing", [
+    dict(topk_method="greedy", n_group=1, topk_group=1, scoring_func="softmax"),  # V2-Lite
+    dict(topk_method="group_limited_greedy"),  # V2
+    dict(scoring_func="softmax"),  # V3's rule on softmax scores: HF's V3 hard-codes sigmoid
+])
+def test_hf_config_kwargs_refuse_routing_hf_v3_lacks(routing):
+    with pytest.raises(ValueError, match="routes only as DeepSeek-V3 does"):
+        hf_config_kwargs(ModelConfig.preset("tiny", **routing))
+
+
+def test_hf_equivalent_drops_only_mtp_and_the_balance_losses():
+    cfg = ModelConfig.preset("toy", expert_aux_loss_alpha=0.01)
+    same = hf_equivalent(cfg)
+    assert (same.num_nextn_predict_layers, same.aux_loss_alpha, same.expert_aux_loss_alpha) \
+        == (0, 0.0, 0.0)
+    assert same.replace(num_nextn_predict_layers=1, aux_loss_alpha=0.0001,
+                        expert_aux_loss_alpha=0.01) == cfg

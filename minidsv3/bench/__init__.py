@@ -4,6 +4,8 @@
 * ``decode`` -- generation speed, cache sizes and MTP speculative decoding;
 * ``wallclock`` -- validation loss of MoE + MTP, MoE and the dense twin, each trained
   for the same seconds (``train --time-budget``).
+* ``hf``     -- a training step vs HF transformers' ``DeepseekV3ForCausalLM`` on the same
+  config and weights (skipped, exit 0, when transformers is not installed).
 """
 
 import argparse
