@@ -38,13 +38,12 @@ from typing import Any
 
 import torch
 
-from ..config import PRESETS, ModelConfig
+from ..config import ModelConfig
 from ..hf import save_pretrained
 from ..model import DeepSeekV3, set_seed
 from ..scale import flops_per_token, parameter_counts
 from ..train_setup import param_groups
-from . import int_at_least
-from .train import MAX_PARAMETERS, matmul_peak, without_mtp
+from .train import MAX_PARAMETERS, add_step_options, matmul_peak, without_mtp
 
 HF_CLASS = "DeepseekV3ForCausalLM"
 MIN_TRANSFORMERS = 5  # major version: fused expert tensors, from_pretrained(dtype=...)
@@ -165,15 +164,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ModelConfig]
     parser = argparse.ArgumentParser(
         prog="python -m minidsv3.bench hf", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    parser.add_argument("--vocab-size", type=int_at_least(1), default=84,
-                        help="the Shakespeare character vocabulary")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
-    parser.add_argument("--seq-len", type=int_at_least(1), default=128)
-    parser.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps per model")
-    parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed steps first")
-    parser.add_argument("--threads", type=int_at_least(1), default=None,
-                        help="torch threads (default: torch's choice)")
+    add_step_options(parser)
     parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa",
                         help="HF's attention: sdpa is the fused kernel minidsv3 uses too")
     args = parser.parse_args(argv)

@@ -145,12 +145,8 @@ def benchmark_configs(args: argparse.Namespace, parser: argparse.ArgumentParser
     return [("MoE + MTP", moe), ("MoE", without_mtp(moe)), ("dense twin", dense)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m minidsv3.bench train",
-        description="Tokens/s of the toy MoE vs its dense twin, FLOP/s vs this machine's "
-                    "fp32 matmul peak, and the time of each phase of a step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every training-step benchmark: model, batch, steps, threads."""
     parser.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     parser.add_argument("--vocab-size", type=int_at_least(1), default=84,
                         help="the Shakespeare character vocabulary")
@@ -160,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch threads (default: torch's choice)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m minidsv3.bench train",
+        description="Tokens/s of the toy MoE vs its dense twin, FLOP/s vs this machine's "
+                    "fp32 matmul peak, and the time of each phase of a step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_step_options(parser)
     args = parser.parse_args(argv)
     rows = benchmark_configs(args, parser)
     if args.threads:
