@@ -120,6 +120,7 @@ class Generation:
     drafted: int = 0  # MTP draft tokens proposed
     accepted: int = 0  # draft tokens the main model kept
     seconds: float = 0.0  # wall time from prefill to the last token
+    draft_seconds: float = 0.0  # the part of ``seconds`` spent drafting with the MTP modules
     stop_reason: str = "max_new_tokens"  # or "max_position_embeddings"
 
     @property
@@ -135,6 +136,11 @@ class Generation:
     @property
     def tokens_per_second(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds else float("nan")
+
+    @property
+    def rounds(self) -> int:
+        """Decode rounds after the prefill: (draft +) one main-model forward each."""
+        return self.forwards - 1
 
 
 def check_prompt(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -218,7 +224,11 @@ def generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor, max_ne
             m = len(tokens) - 1  # the newest token t_m is not in the caches yet
             # Each forward adds at most (drafts + 1) tokens: never pass the length limit.
             n_draft = min(len(model.mtp), limit - m - 2) if drafter else 0
-            drafts, q = drafter.draft(tokens, n_draft, sampler) if n_draft else ([], None)
+            drafts, q = [], None
+            if n_draft:
+                drafting = time.perf_counter()
+                drafts, q = drafter.draft(tokens, n_draft, sampler)
+                result.draft_seconds += time.perf_counter() - drafting
             fed = torch.tensor([[tokens[m], *drafts]], device=prompt.device)  # (1, 1 + drafts)
             out = model(fed, start_pos=m, caches=caches, attn_mode=attn_mode)
             result.forwards += 1

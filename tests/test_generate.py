@@ -185,6 +185,9 @@ def test_greedy_speculative_equals_greedy_on_a_random_model(random_models, depth
     spec = generate(model, prompt, n, temperature=0, speculative=True)
     assert spec.tokens == plain.tokens
     assert spec.forwards + spec.accepted == n  # every forward gives 1 token + accepted drafts
+    assert spec.rounds == spec.forwards - 1  # the prefill is not a round
+    # drafting is timed inside the whole: some of it, never all; plain decoding never drafts
+    assert 0 < spec.draft_seconds < spec.seconds and plain.draft_seconds == 0
 
 
 @pytest.mark.parametrize("depth", [1, 2])

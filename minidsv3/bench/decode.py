@@ -12,7 +12,11 @@ Prints, from one run:
 3. MTP speculative decoding vs plain decoding on the trained toy model
    (``runs/toy``; without it a short training run is made first and reported as
    such): tokens/s, acceptance rate and tokens per main-model forward, greedy and
-   sampled, and a check that greedy speculative text equals greedy text.
+   sampled, and a check that greedy speculative text equals greedy text. Where the
+   time goes: a greedy round (draft + one verify forward of 1 + D tokens) in plain
+   steps. The speed-up is tokens per round over that cost, so a draft that costs a
+   third of a step, and a verify of two tokens that costs more than a step of one,
+   cap what even perfect acceptance could buy.
 
 ``--dtype bfloat16`` runs all of it with the model cast to bf16 (the GPU path; slower
 than fp32 on most CPUs) and checks that cached greedy decoding gives exactly the tokens
@@ -189,8 +193,8 @@ def speculative(args: argparse.Namespace) -> None:
           f"{'accepted':>9} {'tok/forward':>12}")
     for label, kwargs in [("greedy", dict(temperature=0.0)),
                           ("T=0.8 sampled", dict(temperature=0.8))]:
-        plain_s = spec_s = 0.0
-        tokens = forwards = drafted = accepted = 0
+        plain_s = spec_s = draft_s = 0.0
+        tokens = forwards = drafted = accepted = plain_rounds = spec_rounds = 0
         agree, lengths = [], []  # per prompt: tokens before the first difference, all tokens
         for i, prompt in enumerate(prompts):
             seed = dict(seed=i) if kwargs["temperature"] else {}
@@ -200,12 +204,21 @@ def speculative(args: argparse.Namespace) -> None:
             lengths.append(len(plain.tokens))
             plain_s += plain.seconds
             spec_s += spec.seconds
+            draft_s += spec.draft_seconds
+            plain_rounds, spec_rounds = plain_rounds + plain.rounds, spec_rounds + spec.rounds
             tokens += len(spec.tokens)
             forwards += spec.forwards
             drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
         print(f"{label:>15} {tokens / plain_s:>12.1f} {tokens / spec_s:>11.1f} "
               f"{plain_s / spec_s:>8.2f}x {accepted / drafted:>9.1%} {tokens / forwards:>12.2f}")
         if label == "greedy":
+            # Speed-up = tokens per round / (round time / plain step time): what a round costs.
+            step, round_ = plain_s / plain_rounds, spec_s / spec_rounds
+            draft = draft_s / spec_rounds
+            print(f"{'':>15} a plain step {1e3 * step:.2f} ms; a speculative round "
+                  f"{1e3 * round_:.2f} ms = {round_ / step:.2f} plain steps (the draft "
+                  f"{draft / step:.2f}, the verify of 1 + D tokens and the rest "
+                  f"{(round_ - draft) / step:.2f})")
             same = agree == lengths
             print(f"{'':>15} greedy speculative tokens identical to greedy: {same}")
             if not same:  # expected below float32 only; tests/test_generate.py checks fp32
