@@ -7,7 +7,9 @@
                          set at the last evaluation, as a multiple of the mean load;
 * ``bias.png``        -- every routing bias b_i over steps, one panel per MoE layer;
 * ``fanout.png``      -- with expert parallelism: ranks each token is sent to (mean and
-                         largest) and all-to-all bytes per step, per MoE layer.
+                         largest) and all-to-all bytes per step, per MoE layer;
+* ``wallclock.png``   -- ``bench wallclock``: several runs' validation CE against seconds
+                         of training steps, so recipes of different step speed line up.
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so saving them works
 without a display and does not touch a notebook's backend; notebooks can show the
@@ -124,6 +126,22 @@ def fanout_figure(records: list[dict[str, Any]], layer_names: list[str] | None =
     for ax in (reach, traffic):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return fig
+
+
+def wallclock_figure(runs: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Validation CE over seconds of training steps, one line per run (label -> records)."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, records in runs.items():
+        rows = [(r["train_seconds"], r["val_loss"]) for r in records if "val_loss" in r]
+        seconds, val = [s for s, _ in rows], [v for _, v in rows]
+        # The final loss goes in the legend: the runs end close together, where labels collide.
+        ax.plot(seconds, val, "o-", label=f"{label}: {val[-1]:.3f} at the end")
+    ax.set(xlabel="seconds of training steps", ylabel="validation CE (nats per character)",
+           title="the same training time: which recipe learns most?")
+    ax.grid(alpha=0.3)
+    ax.legend()
     return fig
 
 

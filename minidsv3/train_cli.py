@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minidsv3.train",
         description="Train a toy DeepSeek-V3 (MLA, DeepSeekMoE with aux-loss-free balancing, "
-                    "MTP) on Shakespeare. The defaults are `make train`. Extra KEY=VALUE "
-                    "arguments override ModelConfig fields.",
+                    "MTP) on Shakespeare. `make train` is these defaults with --time-budget 540. "
+                    "Extra KEY=VALUE arguments override ModelConfig fields.",
         epilog="Data parallel: torchrun --nproc_per_node N -m minidsv3.train [options]",
         formatter_class=_HelpFormatter)
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",

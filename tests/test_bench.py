@@ -100,7 +100,7 @@ def test_wallclock_tables_what_its_three_runs_recorded(tmp_path, capsys, step_cl
     step_clock(lambda i: 1 / 16)  # 13 + (2 - 13/16) x 16 = 32 steps for every run
     assert bench(argv) == 0
     printed = capsys.readouterr().out
-    lines = printed[printed.index("\nrecipe  "):].strip().splitlines()[1:]
+    lines = printed[printed.index("\nrecipe  "):].strip().splitlines()[1:1 + len(RECIPES)]
     rows = {cells[0]: cells[1:] for cells in (re.split(r" {2,}", line) for line in lines)}
     assert rows.keys() == RECIPES.keys()
     finals = {label: json.loads((out_dir / run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -114,6 +114,8 @@ def test_wallclock_tables_what_its_three_runs_recorded(tmp_path, capsys, step_cl
             f"{final['train_tokens_per_s'] / ref['train_tokens_per_s']:.2f}x"], label
         assert rows[label][:4] == ["32", "32", "2.0", "4,096"]  # 32 x 8 x 32 tokens in 2 s
     assert len({final["val_loss"] for final in finals.values()}) == 3  # three models
+    figure = out_dir / "wallclock.png"
+    assert f"plot: {figure}" in printed and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The three models: MTP or not, MoE or the dense twin of the tiny preset's 2 layers.
     configs = {label: load_config(out_dir / run) for label, run in RECIPES.items()}
     assert [(c.num_nextn_predict_layers, c.first_k_dense_replace, c.intermediate_size)

@@ -12,7 +12,8 @@ same corpus, split and seed, with the same flags:
 
 It prints each run's steps, tokens/s over its training steps and final validation loss
 (on the whole validation split), and the differences to the default recipe: a cheaper
-step buys more steps, and the table says whether they buy a lower loss.
+step buys more steps, and the table says whether they buy a lower loss. The plot
+``OUT_DIR/wallclock.png`` draws each run's validation loss over its training seconds.
 
 Each run writes its own directory ``OUT_DIR/NAME``. The comparison is fair only for runs
 trained back to back on one machine, so the bench never reuses old runs: it refuses an
@@ -30,6 +31,7 @@ from typing import Any
 
 from .. import train
 from ..config import ModelConfig
+from ..plots import read_metrics, wallclock_figure
 from ..train_cli import build_parser, parse_command_line, parse_overrides
 from .train import dense_twin, without_mtp
 
@@ -123,4 +125,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{final['train_seconds']:>8.1f}  {final['train_tokens_per_s']:>9,.0f}  "
               f"{final['val_loss']:>8.4f}  {final['val_loss'] - reference['val_loss']:>+10.4f}  "
               f"{final['train_tokens_per_s'] / reference['train_tokens_per_s']:>5.2f}x")
+    figure = args.out_dir / "wallclock.png"
+    wallclock_figure({label: read_metrics(out / "metrics.jsonl") for label, out, _ in runs}
+                     ).savefig(figure, dpi=110)
+    print(f"plot: {figure}")
     return 0
