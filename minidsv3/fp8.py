@@ -72,7 +72,8 @@ class FP8Tensor:
     block: Block
 
     def dequantize(self) -> torch.Tensor:
-        """q * scale in float32, (R, C): exactly the values the FP8 GEMM multiplies."""
+        """q * scale in float32, (R, C): the values the simulated GEMM multiplies (exactly
+        q * scale for power-of-two scales, else rounded to float32: a 2^-24 change)."""
         return dequantize_fp8(self.q, self.scale, self.block)
 
     @property
@@ -126,8 +127,10 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
     out of the mantissa correctly bumps the exponent (0x1.fff... rounds to 2.0). The sign
     bit is untouched, so negative numbers round symmetrically.
     """
-    ints, width = {torch.float32: (torch.int32, FP32_MANTISSA_BITS),
-                   torch.float64: (torch.int64, 52)}[x.dtype]
+    layouts = {torch.float32: (torch.int32, FP32_MANTISSA_BITS), torch.float64: (torch.int64, 52)}
+    if x.dtype not in layouts:
+        raise ValueError(f"round_mantissa takes float32 or float64, not {x.dtype}")
+    ints, width = layouts[x.dtype]
     if not 1 <= bits <= width:
         raise ValueError(f"bits={bits}: a {x.dtype} mantissa has 1 to {width} bits")
     dropped = width - bits
@@ -136,6 +139,18 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
     i = x.view(ints)
     i = i + ((1 << (dropped - 1)) - 1) + ((i >> dropped) & 1)
     return (i & -(1 << dropped)).view(x.dtype)  # -(1 << d) = the mask ...111000 of d zeros
+
+
+def check_accumulator(mantissa_bits: int, promote_every: int | None, chunk: int) -> None:
+    """Refuse an accumulator that ``fp8_matmul`` cannot model."""
+    if not 1 <= mantissa_bits <= FP32_MANTISSA_BITS:
+        raise ValueError(f"mantissa_bits={mantissa_bits} must be in [1, 23] (23 accumulates in "
+                         "full FP32; more would not survive the promotion to FP32)")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    if promote_every is not None and (promote_every < 1 or promote_every % chunk):
+        raise ValueError(f"promote_every={promote_every} must be None (never) or a positive "
+                         f"multiple of chunk={chunk}")
 
 
 def fp8_matmul(a: FP8Tensor, b: FP8Tensor, mantissa_bits: int = 14,
@@ -149,8 +164,7 @@ def fp8_matmul(a: FP8Tensor, b: FP8Tensor, mantissa_bits: int = 14,
     (M, K), (N, K_b) = a.q.shape, b.q.shape
     if K != K_b:
         raise ValueError(f"inner dimensions differ: a is {(M, K)}, b is {(N, K_b)} (a @ b^T)")
-    if promote_every is not None and promote_every % chunk:
-        raise ValueError(f"promote_every={promote_every} must be a multiple of chunk={chunk}")
+    check_accumulator(mantissa_bits, promote_every, chunk)
     # Zero padding to whole chunks adds exact zeros, which change no rounding.
     a64 = F.pad(a.dequantize(), (0, -K % chunk)).double()
     b64 = F.pad(b.dequantize(), (0, -K % chunk)).double()
@@ -185,15 +199,7 @@ class FP8Recipe:
         if self.scaling not in ("tile", "tensor"):
             raise ValueError(f"scaling={self.scaling!r}: use 'tile' (1x128 activation tiles, "
                              "128x128 weight blocks) or 'tensor' (one scale per tensor)")
-        if not 1 <= self.mantissa_bits <= FP32_MANTISSA_BITS:
-            raise ValueError(f"mantissa_bits={self.mantissa_bits} must be in [1, 23] "
-                             "(23 accumulates in full FP32)")
-        if self.chunk < 1:
-            raise ValueError(f"chunk={self.chunk} must be >= 1")
-        if self.promote_every is not None and (
-                self.promote_every < 1 or self.promote_every % self.chunk):
-            raise ValueError(f"promote_every={self.promote_every} must be None (never) or a "
-                             f"positive multiple of chunk={self.chunk}")
+        check_accumulator(self.mantissa_bits, self.promote_every, self.chunk)
 
     def _quantize(self, x: torch.Tensor, block: Block) -> FP8Tensor:
         if self.scaling == "tensor":  # one block covering the matrix (an empty one, too)

@@ -281,6 +281,10 @@ def test_recipe_refuses_bad_settings():
         FP8Recipe(mantissa_bits=24)
     with pytest.raises(ValueError, match="promote_every=100 must be None"):
         FP8Recipe(promote_every=100)
+    with pytest.raises(ValueError, match="mantissa_bits=30 must be in"):
+        fp8_matmul(quantize(torch.ones(2, 3), (1, 128)), quantize(torch.ones(2, 3), (1, 128)), 30)
+    with pytest.raises(ValueError, match="float32 or float64, not torch.bfloat16"):
+        round_mantissa(torch.ones(3, dtype=torch.bfloat16), 4)
     with pytest.raises(ValueError, match="inner dimensions differ"):
         fp8_matmul(quantize(torch.ones(2, 3), (1, 128)), quantize(torch.ones(2, 4), (1, 128)))
     with pytest.raises(ValueError, match="flatten the leading dimensions"):
