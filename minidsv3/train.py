@@ -23,6 +23,11 @@ name, so a run saved by N processes resumes in any number of them.
 the first steps are timed and ``--steps`` is planned from them, so that the cosine
 schedule ends with the budget (budget.py).
 
+``--fp8`` runs the three GEMMs of every attention, FFN and expert projection in simulated
+FP8 (fp8.py, V3 report sec. 3.3); ``--fp8-scaling tensor`` and ``--fp8-promote-every 0`` are
+the baselines the report improves on. Checkpoints keep the FP32 master weights under the
+usual names, so an FP8 run samples, resumes and exports like any other.
+
 This module is the loop (``train_step``, evaluation, samples); ``train_setup.py`` builds
 and resumes what it works on, ``train_cli.py`` is the command line.
 

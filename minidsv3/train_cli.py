@@ -17,6 +17,7 @@ from typing import Any
 from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS
 from .config import PRESETS, ModelConfig
 from .data import CharTokenizer
+from .fp8 import FP8Recipe
 
 # Coefficient of the classic expert-level balance loss for ``--balance aux-loss``: the
 # loss-controlled baseline of Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing",
@@ -101,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--fp8", action="store_true",
+                   help="run the three GEMMs of every attention, FFN and expert projection in "
+                        "simulated FP8 (fp8.py, V3 report sec. 3.3); embedding, head, router "
+                        "and norms stay FP32, and checkpoints hold the FP32 master weights")
+    p.add_argument("--fp8-scaling", choices=("tile", "tensor"), default="tile",
+                   help="with --fp8: tile = 1x128 activation tiles and 128x128 weight blocks "
+                        "(V3); tensor = one scale per tensor, the baseline it replaces")
+    p.add_argument("--fp8-promote-every", type=int, default=FP8Recipe.promote_every,
+                   metavar="N_C",
+                   help="with --fp8: add the Tensor Cores' 14-bit running sum into FP32 every "
+                        "N_C elements of K (a multiple of 32); 0 = never, the whole K in 14 bits")
     p.add_argument("--ep", type=int, default=1, metavar="E",
                    help="expert parallelism under torchrun: groups of E processes share out "
                         "the routed experts of every MoE layer (1 = each holds all)")
@@ -130,6 +142,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world:
     for name in ("weight_decay", "bias_gamma", "aux_alpha", "seq_alpha", "mtp_lambda"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not args.fp8 and (args.fp8_scaling, args.fp8_promote_every) != (
+            "tile", FP8Recipe.promote_every):
+        parser.error("--fp8-scaling and --fp8-promote-every choose how --fp8 computes; add --fp8")
+    if args.fp8_promote_every < 0 or args.fp8_promote_every % FP8Recipe.chunk:
+        parser.error(f"--fp8-promote-every must be 0 (never) or a positive multiple of "
+                     f"{FP8Recipe.chunk} (the products summed per Tensor-Core step), got "
+                     f"{args.fp8_promote_every}")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
         parser.error("need --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
     if args.ep > 1 and world == 1:
@@ -142,6 +161,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world:
     if args.batch_size % (args.grad_accum * world):
         parser.error(f"--batch-size {args.batch_size} must be divisible by --grad-accum "
                      f"{args.grad_accum} x {world} process(es)")
+
+
+def fp8_recipe(args: argparse.Namespace) -> FP8Recipe | None:
+    """The FP8Recipe that --fp8 and its options ask for; None without --fp8."""
+    if not args.fp8:
+        return None
+    return FP8Recipe(scaling=args.fp8_scaling, promote_every=args.fp8_promote_every or None)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from . import checkpoint, rundir, sharding
 from .budget import TimeBudget
 from .data import CharTokenizer, CorpusDownloadError, load_corpus, prepare_corpus, split_train_val
+from .fp8 import convert_to_fp8
 from .model import DeepSeekV3, set_seed
-from .train_cli import adopt_saved_args, check_args, make_config
+from .train_cli import adopt_saved_args, check_args, fp8_recipe, make_config
 
 
 def pick_device(name: str) -> torch.device:
@@ -94,6 +95,9 @@ def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.d
             state = checkpoint.load_state(out)
             args = adopt_saved_args(args, state["args"], given, parser)
     check_args(args, parser, world)
+    if args.fp8 and device.type == "mps":
+        parser.error("--fp8 simulates the FP8 GEMMs in float64, which MPS does not have; "
+                     "use --device cpu (or cuda)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if world > 1:
@@ -135,6 +139,8 @@ def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.d
     if args.resume:  # into the whole model, every key and shape checked, before sharding
         with resume_errors(parser, out):
             checkpoint.load_weights(model, out)
+    if args.fp8:  # same Parameters under the same names: optimizer and checkpoints unchanged
+        convert_to_fp8(model, fp8_recipe(args))
     meshes = None
     if world > 1:
         try:
