@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("MINIDSV3_QUICK") == "1":
         sys.exit("MINIDSV3_QUICK=1 is set: unset it, committed notebooks carry full-run outputs")
-    paths = args.notebooks or sorted(HERE.glob("0*.ipynb")) + sorted(
+    paths = args.notebooks or sorted(HERE.glob("[0-9][0-9]_*.ipynb")) + sorted(
         (HERE / "exercises" / "solutions").glob("*.ipynb"))
     for path in paths:
         print(f"{path.name:45s} ", end="", flush=True)
