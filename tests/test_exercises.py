@@ -330,6 +330,45 @@ def _mtp_combine(order="eh", norm=True):
     return mtp_combine
 
 
+
+def _tiles(block=(1, 128), per_row=False, divide=True, guard=True):
+    def quantize_tiles(x):
+        rows, cols = (1, x.shape[1]) if per_row else block
+        R, C = x.shape
+        padded = F.pad(x.float(), (0, -C % cols, 0, -R % rows))
+        blocks = rearrange(padded, "(r a) (c b) -> r c a b", a=rows, b=cols)
+        amax = blocks.abs().amax(dim=(-2, -1))
+        scale = amax / 448 if divide else amax
+        if guard:
+            scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+        q = rearrange(blocks / scale[..., None, None], "r c a b -> (r a) (c b)")[:R, :C]
+        return q.to(torch.float8_e4m3fn), scale
+    return quantize_tiles
+
+
+def _strided_blocks(w):
+    scale = rearrange(w.abs(), "(a r) (b c) -> r c a b", a=128, b=128).amax(dim=(-2, -1)) / 448
+    return _tiles((128, 128))(w)[0], scale
+
+
+def _dot(promote=True, reset=True, round_each=True):
+    def promoted_dot(a, b, mantissa_bits=14, promote_every=128, chunk=32):
+        from minidsv3.fp8 import round_mantissa
+        sums = F.pad(a.double() * b.double(), (0, -len(a) % chunk)).view(-1, chunk).sum(-1)
+        per = promote_every // chunk if promote and promote_every is not None else len(sums)
+        running, fp32 = torch.zeros((), dtype=torch.float64), torch.zeros(())
+        for c in range(len(sums)):
+            running = running + sums[c]
+            if round_each:
+                running = round_mantissa(running, mantissa_bits)
+            if (c + 1) % per == 0 or c + 1 == len(sums):
+                fp32 = fp32 + round_mantissa(running, mantissa_bits).float()
+                if reset:
+                    running = torch.zeros((), dtype=torch.float64)
+        return fp32
+    return promoted_dot
+
+
 MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d // 2, dtype=torch.float64) / d),
      "uses i/dim"),
@@ -389,6 +428,22 @@ MISTAKES = [
     ("accept_greedy", _accept(bonus=False), "main model's own token"),
     ("top_p_filter", _top_p_strict, "crosses p"),
     ("expected_tokens_per_step", lambda a, d: 1 + d * a, "independently"),
+    ("quantize_tiles", _tiles(per_row=True), "one scale per row"),
+    ("quantize_tiles", _tiles(divide=False), "forgot to divide by 448"),
+    ("quantize_tiles", _tiles(block=(128, 1)), "tiles along M"),
+    ("quantize_tiles", _tiles(guard=False), "all-zero tile"),
+    ("quantize_tiles", lambda x: (x.to(torch.float8_e4m3fn), _tiles()(x)[1]), "x itself"),
+    ("quantize_blocks", _tiles(), "1 x 128 tiles"),
+    ("quantize_blocks", lambda w: (_tiles((128, 128))(w.T)[0].T, _tiles((128, 128))(w.T)[1]),
+     "transposed"),
+    ("quantize_blocks", _strided_blocks, "strided blocks"),
+    ("quantize_blocks", lambda w: _tiles(block=w.shape)(w), "per-tensor scaling"),
+    ("quantize_blocks", _tiles((128, 128), guard=False), "all-zero"),
+    ("promoted_dot", _dot(promote=False), "never promoted"),
+    ("promoted_dot", _dot(reset=False), "without resetting"),
+    ("promoted_dot", _dot(round_each=False), "rounded only at promotion"),
+    ("promoted_dot", lambda a, b, bits, every, chunk: (a.double() @ b.double()).float(),
+     "no rounding at all"),
 ]
 
 
