@@ -255,7 +255,9 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
                 if budget:
                     record.update(budget.record(r.step, tokens_per_step, last))
                 if loads.numel():
-                    record.update(maxvio_train=max_violation(loads).mean().item(),
+                    per_layer = max_violation(loads)  # (L,): main MoE layers, then MTP
+                    record.update(maxvio_train=per_layer.mean().item(),
+                                  maxvio_train_per_layer=per_layer.tolist(),
                                   bias=[m.gate.e_score_correction_bias.tolist()
                                         for m in model.moe_layers()])
                 tick, tick_step = now, r.step
