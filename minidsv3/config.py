@@ -107,8 +107,8 @@ class ModelConfig:
     n_shared_experts: int = 1  # N_s: experts every token goes through
     n_routed_experts: int = 256  # N_r: experts chosen by the router
     num_experts_per_tok: int = 8  # K_r: routed experts per token
-    n_group: int = 8  # M: expert groups (one per node in the report)
-    topk_group: int = 4  # groups a token may route to (node-limited routing)
+    n_group: int = 8  # expert groups: the report's nodes, one group per node
+    topk_group: int = 4  # M: groups a token may route to (node-limited routing: <= M nodes)
     routed_scaling_factor: float = 2.5  # multiplies the normalised routed weights
     scoring_func: str = "sigmoid"  # affinity s = sigmoid(u.e) ('softmax' for V2-style)
     # How experts are picked (the release's three rules, see moe.Gate.select):

@@ -55,7 +55,7 @@ def check_swiglu(fn) -> int:
 
 def _select_by(biased: torch.Tensor, cfg: ModelConfig, group_score) -> torch.Tensor:
     """Group-limited top-k with another group score: the mistakes this set diagnoses."""
-    grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, M, N_r/M)
+    grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, n_group, N_r/n_group)
     keep = group_score(grouped).topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
     dropped = torch.ones(grouped.shape[:2], dtype=torch.bool).scatter(1, keep, False)
     masked = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf"))
