@@ -78,12 +78,12 @@ class Gate(nn.Module):
         """
         cfg = self.cfg
         if cfg.n_group > 1:
-            grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, M, N_r/M)
+            grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, n_group, N_r/n_group)
             if cfg.topk_method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, M)
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, n_group)
             else:
-                group_score = grouped.amax(dim=-1)  # (N, M)
-            keep = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, topk_group)
+                group_score = grouped.amax(dim=-1)  # (N, n_group)
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices  # (N, M), M = topk_group
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter(1, keep, False)
             grouped = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf"))
             biased = rearrange(grouped, "n g e -> n (g e)")

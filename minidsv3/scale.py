@@ -128,7 +128,7 @@ class ParameterCounts:
     routing_biases: int  # main model e_score_correction_bias entries
     total: int  # weights + routing_biases: the number the report's 671B refers to
     activated: int  # weights one token passes through (embedding and head counted)
-    mtp_unique: int  # MTP modules, without their shared embedding/head (and their biases)
+    mtp_unique: int  # MTP modules with their gates' routing biases, without the shared emb./head
     mtp_activated: int  # of which one token passes through
     released_with_mtp: int  # total + mtp + duplicated embedding/head copies (the "685B")
 
