@@ -78,7 +78,8 @@ class Gate(nn.Module):
         """
         cfg = self.cfg
         if cfg.n_group > 1:
-            grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)  # (N, n_group, N_r/n_group)
+            # (N, n_group, N_r / n_group)
+            grouped = rearrange(biased, "n (g e) -> n g e", g=cfg.n_group)
             if cfg.topk_method == "noaux_tc":
                 group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, n_group)
             else:
