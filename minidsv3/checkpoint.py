@@ -4,7 +4,8 @@ A run directory ``runs/NAME/`` holds the latest checkpoint as five files:
 
 * ``model.safetensors`` -- the model's ``state_dict`` (routing biases included);
 * ``config.json``       -- ``ModelConfig.to_hf_dict()``;
-* ``tokenizer.json``    -- ``CharTokenizer.to_dict()``;
+* ``tokenizer.json``    -- the tokenizer's ``to_dict()``: ``{"type": "char", ...}`` for
+  characters, the ``tokenizers`` library's own file for a byte-level BPE (tokenizer.py);
 * ``state.pt``          -- step, optimizer, scheduler, RNG and data-position state,
   only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it;
 * ``manifest.json``     -- the step and the SHA-256 of each of the four files above,
@@ -45,8 +46,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import ModelConfig
-from .data import CharTokenizer
 from .model import DeepSeekV3
+from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "state.pt")
 MANIFEST = "manifest.json"
@@ -103,7 +104,7 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def save_checkpoint(run_dir: str | Path, model: DeepSeekV3, tokenizer: CharTokenizer,
+def save_checkpoint(run_dir: str | Path, model: DeepSeekV3, tokenizer: Tokenizer,
                     state: dict[str, Any], weights: dict[str, torch.Tensor] | None = None
                     ) -> None:
     """Write the model, its config and tokenizer, the training ``state`` and their manifest
@@ -235,7 +236,7 @@ def _json_object(data: bytes) -> dict[str, Any]:
 PARSERS: dict[str, Callable[[bytes], Any]] = {
     "model.safetensors": load_safetensors,
     "config.json": lambda data: ModelConfig.from_dict(_json_object(data)),
-    "tokenizer.json": lambda data: CharTokenizer.from_dict(_json_object(data)),
+    "tokenizer.json": lambda data: tokenizer_from_dict(_json_object(data)),
     "state.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu",
                                         weights_only=True),
 }
@@ -281,12 +282,12 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
     return _load(run_dir, "state.pt")
 
 
-def load_tokenizer(run_dir: str | Path) -> CharTokenizer:
+def load_tokenizer(run_dir: str | Path) -> Tokenizer:
     return _load(run_dir, "tokenizer.json")
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[DeepSeekV3, CharTokenizer]:
+               ) -> tuple[DeepSeekV3, Tokenizer]:
     """The trained model (in eval mode, on ``device``) and its tokenizer, for inference."""
     run_dir = Path(run_dir)
     blobs = read_files(run_dir, ("config.json", "tokenizer.json", "model.safetensors"))

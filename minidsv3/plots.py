@@ -47,7 +47,7 @@ def loss_figure(records: list[dict[str, Any]]) -> Figure:
     if val:
         ax.annotate(f"{val[-1]:.3f}", (steps[-1], val[-1]), textcoords="offset points",
                     xytext=(0, 8), ha="center")
-    ax.set(xlabel="step", ylabel="nats per character", title="loss")
+    ax.set(xlabel="step", ylabel="nats per token", title="loss")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

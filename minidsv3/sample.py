@@ -61,10 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: the model's context is {model.cfg.max_position_embeddings} tokens, so "
               f"{room} new tokens fit after the prompt, not {args.tokens}", file=sys.stderr)
     sys.stdout.write(args.prompt)
+    new: list[int] = []  # the tokens generated so far
+    shown = 0  # how many characters of their text are written
 
-    def stream(ids: list[int]) -> None:
-        sys.stdout.write(tokenizer.decode(ids))
+    def stream(ids: list[int], final: bool = False) -> None:
+        # Decode all new tokens, not just these: a byte-level BPE token can end inside a
+        # multi-byte character, which reads U+FFFD until the next token completes it, so
+        # such a tail waits (to the end, if it is one the model really wrote).
+        nonlocal shown
+        new.extend(ids)
+        text = tokenizer.decode(new)
+        if not final:
+            text = text.rstrip("\ufffd")
+        sys.stdout.write(text[shown:])
         sys.stdout.flush()
+        shown = len(text)
 
     try:
         result = generate(model, prompt, min(args.tokens, room), temperature=args.temperature,
@@ -73,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
+    stream([], final=True)
     sys.stdout.write("\n")
     report = (f"{len(result.tokens)} tokens in {result.seconds:.2f} s "
               f"({result.tokens_per_second:.1f} tokens/s, {args.attn} attention)")

@@ -57,16 +57,13 @@ from tqdm import tqdm
 
 from . import checkpoint, parallel, rundir, sharding
 from .budget import BudgetTooShort, TimeBudget
-from .data import (
-    CharTokenizer,
-    get_batch,
-    iterate_eval_batches,
-)
+from .data import get_batch, iterate_eval_batches
 from .generate import generate
 from .model import DeepSeekV3
 from .moe import max_violation
 from .mtp import cross_entropy
 from .plots import save_plots
+from .tokenizer import Tokenizer
 from .train_cli import build_parser, parse_command_line
 from .train_setup import pick_device, save_run, set_up
 
@@ -121,26 +118,34 @@ def train_step(model, forward, optimizer, scheduler, batches, args, world,
 
 @torch.no_grad()
 def evaluate(model: DeepSeekV3, val_ids: torch.Tensor, batch_size: int, seq_len: int,
-             max_batches: int | None, device: torch.device, autocast) -> dict[str, Any]:
-    """Validation CE of the main head (comparable across runs) and MaxVio per MoE layer.
+             max_batches: int | None, device: torch.device, autocast,
+             chars_per_token: torch.Tensor) -> dict[str, Any]:
+    """Validation CE of the main head and MaxVio per MoE layer.
+
+    ``val_loss`` is in nats per token, comparable between runs of one tokenizer;
+    ``val_loss_per_char`` spreads the same nats over the characters of the text the
+    targets spell out (``chars_per_token``, the tokenizer's), comparable between
+    tokenizers: a BPE token that holds three characters is one harder prediction, not
+    three. For a character tokenizer the two are equal.
 
     MaxVio_batch is the mean over evaluation batches of each batch's MaxVio; MaxVio_global
     is the MaxVio of the loads summed over all of them. Only the main layers route here
     (the MTP module needs targets), so the per-layer lists cover the main MoE layers.
     """
     model.eval()
-    total, count, batch_vio, global_load = 0.0, 0, [], 0
+    total, count, chars, batch_vio, global_load = 0.0, 0, 0, [], 0
     for x, y in iterate_eval_batches(val_ids, batch_size, seq_len, max_batches):
         with autocast:
             out = model(x.to(device))
         total += cross_entropy(out.logits, y.to(device)).item() * y.numel()
         count += y.numel()
+        chars += chars_per_token[y].sum().item()
         if out.router:
             loads = torch.stack([s.load for s in out.router]).cpu()  # (L, E)
             batch_vio.append(max_violation(loads))  # (L,)
             global_load = global_load + loads
     model.train()
-    record: dict[str, Any] = {"val_loss": total / count}
+    record: dict[str, Any] = {"val_loss": total / count, "val_loss_per_char": total / chars}
     if batch_vio:
         per_batch, per_global = torch.stack(batch_vio).mean(0), max_violation(global_load)
         record.update(maxvio_batch=per_batch.mean().item(), maxvio_global=per_global.mean().item(),
@@ -149,19 +154,30 @@ def evaluate(model: DeepSeekV3, val_ids: torch.Tensor, batch_size: int, seq_len:
     return record
 
 
-def sample_text(model: DeepSeekV3, tokenizer: CharTokenizer, n_chars: int, seed: int) -> str:
+def _can_encode(tokenizer: Tokenizer, text: str) -> bool:
+    try:
+        tokenizer.encode(text)
+    except ValueError:  # a character the vocabulary lacks (a BPE encodes any text)
+        return False
+    return True
+
+
+def sample_text(model: DeepSeekV3, tokenizer: Tokenizer, n_chars: int, seed: int) -> str:
     """Continue a few prompts (those the vocabulary can spell): the text of samples.txt.
 
-    Seeded, so every rank of a sharded model computes the same text in step.
+    Each continuation is ``n_chars`` tokens, cut to ``n_chars`` characters: the same
+    thing for a character tokenizer, and for a BPE, whose tokens are mostly longer, a
+    sample of the length asked for. Seeded, so every rank of a sharded model computes
+    the same text in step.
     """
-    prompts = [p for p in SAMPLE_PROMPTS if set(p) <= set(tokenizer.vocab)] or ["\n"]
+    prompts = [p for p in SAMPLE_PROMPTS if _can_encode(tokenizer, p)] or ["\n"]
     texts = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt)
         room = model.cfg.max_position_embeddings - len(ids)
         new = generate(model, ids, min(n_chars, room), temperature=0.8, top_k=None,
                        seed=seed + i).tokens
-        texts.append(prompt + tokenizer.decode(new))
+        texts.append(prompt + tokenizer.decode(new)[:n_chars])
     return "\n\n----------\n\n".join(texts) + "\n"
 
 
@@ -224,8 +240,10 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     tokens_per_step = args.batch_size * args.seq_len
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{n_params:,} parameters on {device} ({world} process(es)); {len(train_ids):,} "
-              f"training / {len(val_ids):,} validation characters; writing to {out}")
+        val_chars = r.tokenizer.chars_per_token[val_ids].sum().item()
+        print(f"{n_params:,} parameters on {device} ({world} process(es)); {r.tokenizer!r}: "
+              f"{len(train_ids):,} training / {len(val_ids):,} validation tokens "
+              f"({len(val_ids) / val_chars:.3f} per character); writing to {out}")
     bar = tqdm(total=args.steps, initial=r.step, disable=rank != 0, unit="step",
                dynamic_ncols=True)
     started = tick = time.perf_counter()
@@ -267,10 +285,12 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
             # Every rank evaluates (the same batches): a sharded model's forward needs them all.
             if r.step % args.eval_every == 0 or last:  # the final evaluation reads the whole split
                 ev = evaluate(model, val_ids, args.batch_size, args.seq_len,
-                              None if last else args.eval_batches, device, autocast)
+                              None if last else args.eval_batches, device, autocast,
+                              r.tokenizer.chars_per_token)
                 record.update(step=r.step, **ev)
                 if rank == 0:
-                    bar.write(f"step {r.step}: val loss {ev['val_loss']:.4f}"
+                    bar.write(f"step {r.step}: val loss {ev['val_loss']:.4f} per token, "
+                              f"{ev['val_loss_per_char']:.4f} per char"
                               + (f", MaxVio global {ev['maxvio_global']:.3f}"
                                  if "maxvio_global" in ev else ""))
             if rank == 0 and record:
@@ -300,7 +320,7 @@ def run(args, given: set[str], parser, rank: int, world: int, device: torch.devi
     return model
 
 
-def finish(model: DeepSeekV3, tokenizer: CharTokenizer, args, out: Path, rank: int,
+def finish(model: DeepSeekV3, tokenizer: Tokenizer, args, out: Path, rank: int,
            started: float, budget: TimeBudget | None) -> None:
     """Samples, plots and the closing summary of a run that reached its last step."""
     samples = sample_text(model, tokenizer, args.sample_chars, args.seed)  # every rank
@@ -310,7 +330,8 @@ def finish(model: DeepSeekV3, tokenizer: CharTokenizer, args, out: Path, rank: i
         minutes = (time.perf_counter() - started) / 60
         final = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
         print(f"done: {args.steps} steps, final validation loss {final['val_loss']:.4f} "
-              f"nats/char ({minutes:.1f} min of training)\n  samples: {out / 'samples.txt'}\n"
+              f"nats/token, {final['val_loss_per_char']:.4f} nats/char ({minutes:.1f} min of "
+              f"training)\n  samples: {out / 'samples.txt'}\n"
               f"  plots:   {', '.join(str(p) for p in plots)}")
         if budget:
             print(f"  time budget: {budget.seconds:g} s of training steps; {budget.spent:.1f} s "

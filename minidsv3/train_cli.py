@@ -16,8 +16,8 @@ from typing import Any
 
 from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS
 from .config import PRESETS, ModelConfig
-from .data import CharTokenizer
 from .fp8 import FP8Recipe
+from .tokenizer import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE, Tokenizer, check_vocab_size
 
 # Coefficient of the classic expert-level balance loss for ``--balance aux-loss``: the
 # loss-controlled baseline of Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing",
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per optimizer step, over all micro-batches and ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens (characters) per sequence")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per sequence: characters with --tokenizer char, with bpe "
+                        "several characters each")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     p.add_argument("--min-lr-ratio", type=float, default=0.1,
@@ -98,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", metavar="FILE",
                    help="train on this UTF-8 text instead of Shakespeare (no network needed)")
     p.add_argument("--data-dir", default="data", help="where prepared corpora live")
-    p.add_argument("--sample-chars", type=int, default=300, help="characters per sample")
+    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char",
+                   help="char: one token per distinct character of the corpus; bpe: a "
+                        "byte-level BPE of --vocab-size tokens (the kind DeepSeek-V3 uses), "
+                        "trained on the training split and saved as tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help=f"with --tokenizer bpe: tokens in its vocabulary, {MIN_VOCAB_SIZE}.."
+                        f"{MAX_VOCAB_SIZE} (256 bytes plus merges), e.g. 1024")
+    p.add_argument("--sample-chars", type=int, default=300,
+                   help="characters per sample (of as many tokens, cut to this length)")
     p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -149,6 +159,17 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser, world:
         parser.error(f"--fp8-promote-every must be 0 (never) or a positive multiple of "
                      f"{FP8Recipe.chunk} (the products summed per Tensor-Core step), got "
                      f"{args.fp8_promote_every}")
+    if args.tokenizer == "bpe":
+        if args.vocab_size is None:
+            parser.error(f"--tokenizer bpe needs --vocab-size N ({MIN_VOCAB_SIZE}.."
+                         f"{MAX_VOCAB_SIZE}), e.g. --vocab-size 1024")
+        try:
+            check_vocab_size(args.vocab_size)
+        except ValueError as err:
+            parser.error(f"--vocab-size: {err}")
+    elif args.vocab_size is not None:
+        parser.error("--vocab-size sets the size of a BPE vocabulary; add --tokenizer bpe (the "
+                     "character tokenizer's vocabulary is the corpus's distinct characters)")
     if args.warmup < 0 or not 0 <= args.min_lr_ratio <= 1:
         parser.error("need --warmup >= 0 and 0 <= --min-lr-ratio <= 1")
     if args.ep > 1 and world == 1:
@@ -209,12 +230,12 @@ def _parse_value(key: str, raw: str, kind: Any) -> Any:
     return value
 
 
-def make_config(args: argparse.Namespace, tokenizer: CharTokenizer) -> ModelConfig:
+def make_config(args: argparse.Namespace, tokenizer: Tokenizer) -> ModelConfig:
     """Preset + KEY=VALUE overrides + the flags for the loss coefficients."""
     overrides = parse_overrides(args.overrides)
     if overrides.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise ValueError(f"vocab_size comes from the tokenizer ({tokenizer.vocab_size} "
-                         "characters); do not override it")
+        raise ValueError(f"vocab_size comes from the tokenizer ({tokenizer!r}); do not "
+                         "override it (with --tokenizer bpe, choose it with --vocab-size)")
     overrides["vocab_size"] = tokenizer.vocab_size
     for field, flag in LOSS_FLAGS.items():
         if field in overrides:

@@ -1,4 +1,5 @@
-"""A training run's set-up: device, corpus, config, model, sharding, optimizer, resume.
+"""A training run's set-up: device, corpus, tokenizer, config, model, sharding, optimizer,
+resume.
 
 ``set_up`` turns the parsed command line into a ``Run`` -- everything the training loop
 (train.py) needs, restored from the run directory's checkpoint with ``--resume`` -- and
@@ -23,9 +24,10 @@ import torch.distributed as dist
 
 from . import checkpoint, rundir, sharding
 from .budget import TimeBudget
-from .data import CharTokenizer, CorpusDownloadError, load_corpus, prepare_corpus, split_train_val
+from .data import CorpusDownloadError, load_corpus, prepare_corpus, split_train_val
 from .fp8 import convert_to_fp8
 from .model import DeepSeekV3, set_seed
+from .tokenizer import BPETokenizer, Tokenizer
 from .train_cli import adopt_saved_args, check_args, fp8_recipe, make_config
 
 
@@ -75,7 +77,7 @@ class Run:
 
     args: argparse.Namespace
     out: Path
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     train_ids: torch.Tensor
     val_ids: torch.Tensor
     model: DeepSeekV3
@@ -112,22 +114,30 @@ def set_up(args, given: set[str], parser, rank: int, world: int, device: torch.d
         if rank != 0:
             corpus = prepare_corpus(args.text, args.data_dir, verbose=False)
         text, tokenizer = load_corpus(corpus)
+        # The cut is made in the text, by characters, so that every tokenizer validates on
+        # the same text, and a BPE learns its merges without ever seeing that text.
+        train_text, val_text = split_train_val(text)
     except (CorpusDownloadError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    ids = tokenizer.encode(text)
-    window = args.seq_len + 1  # the validation tenth, too, must hold one whole window
-    if len(ids) < 10 * window:
-        parser.error(f"{corpus} has {len(ids):,} characters, too few for --seq-len "
-                     f"{args.seq_len}: it needs {10 * window:,}, so that its last tenth (the "
-                     f"validation split) holds one window of {window}; use a longer --text or "
-                     "a shorter --seq-len")
-    train_ids, val_ids = split_train_val(ids)
+    if args.tokenizer == "bpe":  # deterministic: every rank, and a resume, trains the same
+        tokenizer = BPETokenizer.train(train_text, args.vocab_size)
+    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    window = args.seq_len + 1  # the validation split, too, must hold one whole window
+    if len(val_ids) < window:
+        parser.error(f"{corpus} has {len(text):,} characters, too few for --seq-len "
+                     f"{args.seq_len}: its last tenth (the validation split) is "
+                     f"{len(val_ids):,} tokens, but one window needs seq_len + 1 = {window}; "
+                     "use a longer --text or a shorter --seq-len")
 
     if args.resume:
         with resume_errors(parser, out):
             cfg, saved_tokenizer = checkpoint.load_config(out), checkpoint.load_tokenizer(out)
         if saved_tokenizer != tokenizer:
-            parser.error(f"the corpus {corpus} has a different vocabulary from the run in {out}")
+            parser.error(f"the tokenizer of the corpus {corpus} with --tokenizer "
+                         f"{args.tokenizer} ({tokenizer!r}) differs from the one of the run in "
+                         f"{out} ({saved_tokenizer!r}): another text gives other characters or "
+                         "merges. Resume with the corpus and --tokenizer the run was trained "
+                         "with")
     else:
         try:
             cfg = make_config(args, tokenizer)

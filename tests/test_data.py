@@ -98,6 +98,18 @@ def test_split_is_contiguous_90_10_disjoint_and_deterministic():
         split_train_val(ids, val_fraction=1.0)
 
 
+def test_cutting_the_text_gives_the_ids_of_cutting_its_character_ids():
+    """Training cuts the text before tokenizing it: for characters, the same split."""
+    text = "To be, or not to be: that is the question.\n" * 7
+    tok = CharTokenizer.from_text(text)
+    train_text, val_text = split_train_val(text)
+    train_ids, val_ids = split_train_val(tok.encode(text))
+    assert torch.equal(tok.encode(train_text), train_ids)
+    assert torch.equal(tok.encode(val_text), val_ids)
+    with pytest.raises(ValueError, match="4 characters are too few to split"):
+        split_train_val("abcd")
+
+
 # ---------------------------------------------------------------- preparing and loading
 
 def test_text_preparation_writes_txt_and_json(tiny_file, tmp_path, capsys):
