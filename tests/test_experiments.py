@@ -178,10 +178,18 @@ def test_findings_and_alpha_tables_from_fake_results():
     assert sum("`aux-loss-0.001` -> `aux-free`" in line for line in findings.splitlines()) == 3
     assert report.summary(results) == ("Of 3 findings, **3 reproduce**, 0 are not resolved by "
                                        "the seeds, 0 do not reproduce.")
-    alphas = report.alpha_table(results).splitlines()
-    assert alphas[2] == "| 0.001 | +0.0500 | +0.800 | no |"  # worse on both
-    assert alphas[3] == "| 0.1 | +0.2000 | -0.050 | no |"  # balances better, loses quality
-    assert len(alphas) == 4  # alpha 0.01 was not run
+    noisy = [_result("aux-loss-0.01", s, v, maxvio=m)
+             for s, v, m in ((1, 1.0, 0.05), (2, 1.05, 0.2), (3, 1.01, 0.1))]
+    alphas = report.alpha_table(results + noisy).splitlines()
+    # differences to aux-free of +0.01, -0.03, +0.02 and +0.05, -0.1, 0: ties on both axes
+    assert alphas[3].startswith("| 0.01 |") and alphas[3].endswith(
+        "| not resolved: both differences are within twice their spread |")
+    # alpha 0.001 is worse on both axes in every seed by the same amount (spread 0)
+    assert alphas[2] == ("| 0.001 | +0.0500 ± 0.0000 | +0.800 ± 0.000 | holds: aux-loss-free "
+                         "is better on validation loss and MaxVio_global |")
+    # alpha 0.1 balances better and loses quality: the trade-off, not both
+    assert alphas[4] == ("| 0.1 | +0.2000 ± 0.0000 | -0.050 ± 0.000 | fails: this alpha is "
+                         "better on MaxVio_global |")
 
 
 # ---------------------------------------------------------------- --quick, end to end
