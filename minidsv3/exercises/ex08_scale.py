@@ -8,6 +8,7 @@ of Table 1. References: ``minidsv3.scale``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import torch
 
@@ -48,10 +49,10 @@ def _number(got, what: str, case: str):
     """A plain int or float; 1-element tensors count too (students may compute in torch)."""
     if isinstance(got, torch.Tensor) and got.numel() == 1:
         return got.item()
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
+    if isinstance(got, bool) or not isinstance(got, numbers.Real):
         raise Fail(f"{what}: return a number (an int or a float), got {type(got).__name__} "
                    f"(case: {case})")
-    return got
+    return int(got) if isinstance(got, numbers.Integral) else float(got)  # numpy scalars too
 
 
 def _as_float(x) -> torch.Tensor:
