@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from minidsv3 import ModelConfig
+from minidsv3 import ModelConfig, scale
 from minidsv3.exercises import TASKS, check, hint, isolation, run_check, tasks_of
 from minidsv3.exercises import build as ex_build
 from minidsv3.exercises import grade as ex_grade
@@ -369,6 +369,61 @@ def _dot(promote=True, reset=True, round_each=True):
     return promoted_dot
 
 
+def _moe_params(shared=True, matrices=3, width="moe", bias_as_weight=False, gate=True):
+    def moe_layer_params(cfg):
+        d, E = cfg.hidden_size, cfg.n_routed_experts
+        f = cfg.moe_intermediate_size if width == "moe" else cfg.intermediate_size
+        biases = E if cfg.has_routing_bias else 0
+        weights = (E * d if gate else 0) + (E + (cfg.n_shared_experts if shared else 0)) \
+            * matrices * d * f
+        return (weights + biases, 0) if bias_as_weight else (weights, biases)
+    return moe_layer_params
+
+
+def _kv_cache(mla_values="latent", mha_values="kv", layers=True):
+    def kv_cache_per_token(cfg, dtype_bytes):
+        H = cfg.num_attention_heads
+        latent = cfg.kv_lora_rank + (cfg.qk_rope_head_dim if mla_values != "no rope" else 0)
+        mla = {"latent": latent, "no rope": latent, "per head": H * latent,
+               "decompressed": H * (cfg.qk_head_dim + cfg.v_head_dim)}[mla_values]
+        mha = H * (cfg.qk_nope_head_dim + (cfg.v_head_dim if mha_values == "kv" else 0))
+        per = dtype_bytes * (cfg.num_hidden_layers if layers else 1)
+        return mla * per, mha * per
+    return kv_cache_per_token
+
+
+def _flops(routed="visited", multiply_add=2, passes=3, attention=True, causal=True,
+           mtp=True):
+    def training_flops_per_token(cfg, seq_len):
+        d, V, H = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads
+        L, L0 = cfg.num_hidden_layers, cfg.first_k_dense_replace
+        D = cfg.num_nextn_predict_layers if mtp else 0
+        r = cfg.q_lora_rank
+        query = d * r + r * H * cfg.qk_head_dim if r else d * H * cfg.qk_head_dim
+        attn = (query + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                + H * cfg.v_head_dim * d)
+        experts = cfg.num_experts_per_tok if routed == "visited" else cfg.n_routed_experts
+        moe = cfg.n_routed_experts * d + (cfg.n_shared_experts + experts) * 3 * d \
+            * cfg.moe_intermediate_size
+        N = (L * attn + L0 * 3 * d * cfg.intermediate_size + (L - L0) * moe + V * d
+             + D * (attn + moe + 2 * d * d + V * d))
+        keys = (seq_len + 1) / 2 if causal else seq_len
+        scores = 2 * H * (cfg.qk_head_dim + cfg.v_head_dim) * keys * (L + D) if attention else 0
+        return passes * (multiply_add * N + scores)
+    return training_flops_per_token
+
+
+def _cost(later=True, per_trillion=True, dollars_per_gpu=False, days="pre"):
+    def training_cost(tokens, rate, later_stages, price, n_gpus):
+        pre = (tokens / 1e12 if per_trillion else tokens) * rate
+        hours = pre + (sum(later_stages.values()) if later else 0)
+        dollars = hours * price * (n_gpus if dollars_per_gpu else 1)
+        wall = {"pre": pre / n_gpus / 24, "one GPU": pre / 24, "hours": pre / n_gpus,
+                "all": hours / n_gpus / 24}[days]
+        return hours, dollars, wall
+    return training_cost
+
 MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d // 2, dtype=torch.float64) / d),
      "uses i/dim"),
@@ -444,6 +499,28 @@ MISTAKES = [
     ("promoted_dot", _dot(round_each=False), "rounded only at promotion"),
     ("promoted_dot", lambda a, b, bits, every, chunk: (a.double() @ b.double()).float(),
      "no rounding at all"),
+    ("moe_layer_params", _moe_params(shared=False), "shared expert is missing"),
+    ("moe_layer_params", _moe_params(matrices=2), "2 matrices per expert"),
+    ("moe_layer_params", _moe_params(width="dense"), "used intermediate_size"),
+    ("moe_layer_params", _moe_params(bias_as_weight=True), "routing biases as weights"),
+    ("moe_layer_params", _moe_params(gate=False), "forgot the gate"),
+    ("kv_cache_per_token", _kv_cache(mla_values="decompressed"), "decompressed keys"),
+    ("kv_cache_per_token", _kv_cache(mla_values="no rope"), "decoupled RoPE key"),
+    ("kv_cache_per_token", _kv_cache(mla_values="per head"), "counted per head"),
+    ("kv_cache_per_token", _kv_cache(mha_values="keys"), "forgot the values"),
+    ("kv_cache_per_token", _kv_cache(layers=False), "one layer's cache"),
+    ("training_flops_per_token", _flops(routed="all"), "counted all routed experts"),
+    ("training_flops_per_token", _flops(multiply_add=1), "a multiply and an add are 2"),
+    ("training_flops_per_token", _flops(passes=1), "forward pass only"),
+    ("training_flops_per_token", _flops(attention=False), "forgot attention"),
+    ("training_flops_per_token", _flops(causal=False), "causal mask"),
+    ("training_flops_per_token", _flops(mtp=False), "left out the MTP module"),
+    ("training_cost", _cost(later=False), "only pre-training"),
+    ("training_cost", _cost(per_trillion=False), "per trillion tokens"),
+    ("training_cost", _cost(dollars_per_gpu=True), "already count every GPU"),
+    ("training_cost", _cost(days="one GPU"), "one GPU alone"),
+    ("training_cost", _cost(days="hours"), "hours, not days"),
+    ("training_cost", _cost(days="all"), "pre-training only"),
 ]
 
 
@@ -693,7 +770,11 @@ def test_check_catches_a_function_that_calls_the_reference():
                "minidsv3.moe.balance_loss"),
               ("group_limited_topk", lambda b, g, kg, k: Gate(ModelConfig.preset(
                   "tiny", n_routed_experts=b.shape[1], n_group=g, topk_group=kg,
-                  num_experts_per_tok=k)).select(b), "minidsv3.moe.Gate.select")]
+                  num_experts_per_tok=k)).select(b), "minidsv3.moe.Gate.select"),
+              ("training_flops_per_token", lambda cfg, T: scale.flops_per_token(cfg, T).training,
+               "minidsv3.scale.flops_per_token"),
+              ("moe_layer_params", lambda cfg: (scale.parameter_table(cfg)[7].total, 0),
+               "minidsv3.scale.parameter_table")]
     for name, fn, words in cheats:
         verdict = run_check(name, fn)
         assert verdict.status == "fail" and words in verdict.message, verdict.line()

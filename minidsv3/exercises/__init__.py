@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (importing registers each set's tasks)
     ex04_balancing,
     ex05_mtp,
     ex07_speculative,
+    ex08_scale,
     ex10_fp8,
 )
 from .core import TASKS, Verdict, check, exercise_sets, hint, run_check, tasks_of
