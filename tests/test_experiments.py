@@ -217,6 +217,8 @@ def test_quick_mode_writes_a_page_from_the_runs_it_made(tmp_path, capsys, one_th
         result = ablations.read_result(out / name / "seed1")
         assert f"| {result['maxvio_global']:.3f} |" in row
     assert "one seed: no spread to judge against" in page
+    assert json.loads((out / report.RESULTS_JSON).read_text()) == [
+        ablations.read_result(out / name / "seed1") for name in ablations.QUICK_VARIANTS]
     capsys.readouterr()
     assert experiments(argv) == 0  # a second time: both runs are done, only the page again
     assert capsys.readouterr().out.count("done before, skipped") == 2

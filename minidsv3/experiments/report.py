@@ -13,6 +13,7 @@ reports and is larger than twice that spread; otherwise the seeds cannot tell.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -29,6 +30,7 @@ from .ablations import AUX_ALPHAS, BY_NAME, GAMMAS, SCOPE_ALPHA, VARIANTS, run_d
 
 METRICS = {"val_loss": "validation loss", "maxvio_global": "MaxVio_global",
            "maxvio_batch": "MaxVio_batch", "tokens_per_s": "tokens/s"}
+RESULTS_JSON = "ablations_results.json"  # beside results.md
 BASE_ALPHA = f"aux-loss-{SCOPE_ALPHA:g}"  # the loss-controlled baseline of the papers' tables
 
 
@@ -346,7 +348,8 @@ def write_page(results: list[dict[str, Any]], out_dir: Path, docs: Path, command
         "Each run is `python -m minidsv3.train` on Shakespeare with the default recipe "
         "(the toy preset: MLA, 1 shared + 8 routed experts, top-2 of 4 groups, MTP D = 1) "
         "and one change; within a seed, every variant reads the same batches in the same "
-        "order. `minidsv3/experiments/ablations.py` lists the variants.",
+        "order. `minidsv3/experiments/ablations.py` lists the variants; "
+        f"`{RESULTS_JSON}` holds every run's numbers.",
         "",
         "- **validation loss**: cross-entropy of the main head on the whole validation split "
         "after the last step, nats per character;",
@@ -382,4 +385,6 @@ def write_page(results: list[dict[str, Any]], out_dir: Path, docs: Path, command
               "validation batches; the last is the whole split.", ""]
     page = docs / "results.md"
     page.write_text("\n".join(parts), encoding="utf-8")
+    # Every run's numbers, for anyone who wants to test the page's arithmetic themselves.
+    (docs / RESULTS_JSON).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return page
