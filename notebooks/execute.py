@@ -5,7 +5,8 @@
 
 This is how the committed outputs are made (`make notebooks`): full mode means
 MINIDSV3_QUICK is unset, so training cells run their long versions. Metadata is
-reduced to the kernelspec and language name so diffs show only real changes.
+reduced to what JupyterLab itself writes (the kernelspec and the kernel's language_info),
+so diffs show only real changes and opening a notebook marks nothing as modified.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from minidsv3.exercises.build import KERNELSPEC
+
 HERE = Path(__file__).resolve().parent
-KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
 def scrub(nb: nbformat.NotebookNode) -> None:
-    """Keep outputs; drop execution timing, widget state and other per-run metadata."""
+    """Keep outputs; drop execution timing, widget state and other per-run metadata.
+
+    The kernelspec and the kernel's language_info (which nbclient has just written) stay:
+    JupyterLab writes the same two on opening a notebook, so it finds nothing to change.
+    """
     nb.metadata = nbformat.NotebookNode(
-        kernelspec=KERNELSPEC, language_info={"name": "python"}
+        kernelspec=KERNELSPEC, language_info=nb.metadata.language_info
     )
     count = 0
     for cell in nb.cells:

@@ -7,8 +7,8 @@ In a solution, the code between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` 
 a function body) is the answer. The student version keeps everything else -- the
 signature, the docstring, the statement, the check cells -- and replaces the marked
 lines with a stub that raises ``NotImplementedError``. Outputs and execution counts
-are cleared; notebook metadata is reduced to the kernelspec, the language and the
-exercise set (which the grader reads).
+are cleared; notebook metadata is reduced to the kernelspec, the solution's language_info
+(what JupyterLab would write) and the exercise set (which the grader reads).
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from .core import tasks_of
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 SUFFIX = "_solution"
-KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+# The notebook metadata JupyterLab writes when it opens a notebook with the project's kernel
+# (`make install` registers it as python3, "Python 3 (ipykernel)"): the kernelspec, and the
+# language_info the kernel reports. Committed notebooks carry exactly this, so that opening
+# and closing one leaves nothing to save. Only language_info's "version" (Python's) varies
+# between machines; notebooks/execute.py writes the one of the kernel that ran them.
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 EXERCISES = Path(__file__).resolve().parents[2] / "notebooks" / "exercises"
 
 
@@ -91,7 +96,7 @@ def student_notebook(solution: Path) -> nbformat.NotebookNode:
             cell.outputs = []
             cell.execution_count = None
     nb.metadata = nbformat.NotebookNode(
-        kernelspec=KERNELSPEC, language_info={"name": "python"},
+        kernelspec=KERNELSPEC, language_info=nb.metadata.get("language_info", {}),
         minidsv3={"exercise_set": set_id},
     )
     return nb
