@@ -369,6 +369,40 @@ def _dot(promote=True, reset=True, round_each=True):
     return promoted_dot
 
 
+def _groups(decay, trainable_only=True, buffers=False):
+    """param_groups deciding by ``decay(name, p)``; optionally with frozen ones and buffers."""
+    def param_groups(model, weight_decay):
+        named = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad or not trainable_only]
+        rest = [p for n, p in named if not decay(n, p)] + (list(model.buffers()) if buffers
+                                                            else [])
+        return [{"params": [p for n, p in named if decay(n, p)], "weight_decay": weight_decay},
+                {"params": rest, "weight_decay": 0.0}]
+    return param_groups
+
+
+def _lr(first=1, cosine_from=None, floor=True, clamp=True):
+    def lr_at(step, peak, warmup, total, min_ratio):
+        if step < warmup:
+            return peak * (step + first) / warmup
+        start = warmup if cosine_from is None else cosine_from
+        progress = (step - start) / max(1, total - start)
+        progress = min(1.0, progress) if clamp else progress
+        low = min_ratio if floor else 0.0
+        return peak * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr_at
+
+
+def _sign(bias, load, gamma):
+    return bias + gamma * torch.sign(load.mean() - load)
+
+
+def _per_micro_batch(bias, loads, gamma):
+    for load in loads.sum(0):  # one update per micro-batch, as if inside the loop
+        bias = _sign(bias, load, gamma)
+    return bias
+
+
 MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d // 2, dtype=torch.float64) / d),
      "uses i/dim"),
@@ -444,6 +478,24 @@ MISTAKES = [
     ("promoted_dot", _dot(round_each=False), "rounded only at promotion"),
     ("promoted_dot", lambda a, b, bits, every, chunk: (a.double() @ b.double()).float(),
      "no rounding at all"),
+    ("param_groups", _groups(lambda n, p: True), "decays everything"),
+    ("param_groups", _groups(lambda n, p: False), "decays nothing"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2 or "norm" in n), "RMSNorm weight"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2 and "embed" not in n), "the embedding"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2, buffers=True), "is a buffer"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2, trainable_only=False), "frozen"),
+    ("lr_at", _lr(floor=False), "cosine decays to 0"),
+    ("lr_at", _lr(first=0), "warm-up off by one"),
+    ("lr_at", _lr(cosine_from=0), "cosine starts at step 0"),
+    ("lr_at", _lr(clamp=False), "rises again"),
+    ("bias_after_step", _per_micro_batch, "once per micro-batch"),
+    ("bias_after_step", lambda b, loads, g: _sign(b, loads[:, -1].sum(0), g),
+     "last micro-batch"),
+    ("bias_after_step", lambda b, loads, g: _sign(b, loads[0].sum(0), g), "rank 0"),
+    ("bias_after_step", lambda b, loads, g: b - (_sign(b, loads.sum((0, 1)), g) - b),
+     "sign flipped"),
+    ("bias_after_step", lambda b, loads, g: b + g * (loads.sum((0, 1)).mean() - loads.sum((0, 1))),
+     "only the sign"),
 ]
 
 
