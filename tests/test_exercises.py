@@ -112,6 +112,13 @@ def test_build_rejects_misplaced_markers(source, problem):
         ex_build.strip_solutions(source, "cell 1")
 
 
+def test_build_leaves_a_blank_for_a_written_answer():
+    source = "**Why?**\n<!-- BEGIN ANSWER -->\nBecause.\n<!-- END ANSWER -->\nNext."
+    assert ex_build.strip_answers(source, "cell 1") == "**Why?**\n*Your answer:*\nNext."
+    with pytest.raises(ex_build.BuildError, match="never closed"):
+        ex_build.strip_answers("<!-- BEGIN ANSWER -->\nBecause.", "cell 1")
+
+
 def test_build_requires_a_check_cell_for_every_task(tmp_path):
     (tmp_path / "solutions").mkdir()
     write_nb(tmp_path / "solutions" / "05_mtp_solution.ipynb", [SOLUTION_CELL, "check(mtp_loss)"])
