@@ -44,10 +44,27 @@ class _Small(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(6))
 
 
+def _labelled(model: nn.Module) -> nn.Module:
+    """Fill tensor k (parameters, then buffers) with the value k + 1, and return the model.
+
+    The grader runs the student's function in the notebook's kernel and gets back copies
+    of the tensors it returned, so a returned tensor is recognised by its value, not by its
+    identity. (param_groups only looks at names, shapes and requires_grad.)"""
+    with torch.no_grad():
+        for k, (_, t) in enumerate(_tensors(model)):
+            t.fill_(k + 1)
+    return model
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
 def _decay_of(groups, model: nn.Module, case: str) -> dict[str, float]:
     """Parameter name -> the weight_decay of its group; Fail on a malformed grouping."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    buffers = {id(b): n for n, b in model.named_buffers()}
+    label = {k + 1: name for k, (name, _) in enumerate(_tensors(model))}
+    shapes = {name: t.shape for name, t in _tensors(model)}
+    params = dict(model.named_parameters())
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
         raise Fail(f"return a list of dicts, one per group, each {{'params': [...], "
                    f"'weight_decay': wd}}; got {type(groups).__name__} (case: {case})")
@@ -57,15 +74,18 @@ def _decay_of(groups, model: nn.Module, case: str) -> dict[str, float]:
             raise Fail(f"group {i} needs the keys 'params' and 'weight_decay' (without one, "
                        f"AdamW would use its default weight_decay=0.01) (case: {case})")
         for t in list(group["params"]):
-            if id(t) in buffers:
-                raise Fail(f"'{buffers[id(t)]}' is a buffer, not a parameter: the routing bias "
-                           "is moved by the sign rule after each step, never by the optimizer. "
-                           "Take the tensors from model.parameters() (not state_dict()) "
+            name = None
+            if isinstance(t, torch.Tensor) and t.numel():
+                name = label.get(int(t.detach().flatten()[0].real.round()))
+            if name is None or t.shape != shapes[name]:
+                raise Fail(f"group {i} holds something that is not a tensor of the model "
                            f"(case: {case})")
-            if id(t) not in names:
-                raise Fail(f"group {i} holds a tensor that is not a parameter of the model "
-                           f"(case: {case})")
-            name = names[id(t)]
+            if name not in params:
+                raise Fail(f"'{name}' is a buffer, not a parameter; the routing bias "
+                           "e_score_correction_bias is one, moved by the sign rule after each "
+                           "step, never by the optimizer. Take the tensors from "
+                           f"model.parameters(), not state_dict() or buffers() (case: {case})")
+            t = params[name]
             if not t.requires_grad:
                 raise Fail(f"'{name}' is frozen (requires_grad=False): leave it out of the "
                            f"optimizer (case: {case})")
@@ -118,11 +138,12 @@ def _diagnose_decay(got: dict[str, float], expected: dict[str, float], model: nn
     "e_score_correction_bias is a buffer, so model.parameters() never yields it.",
 ])
 def check_param_groups(fn) -> int:
-    torch.manual_seed(0)
-    cases = [(_Small(), 0.1, "a small module: embedding, linear with a bias, RMSNorm, a frozen "
-                             "linear, a buffer"),
-             (DeepSeekV3(TINY), 0.1, "the tiny DeepSeekV3 (routing biases are buffers)"),
-             (DeepSeekV3(TINY), 0.05, "the tiny DeepSeekV3, weight_decay=0.05")]
+    with torch.random.fork_rng(devices=[]):  # leave the notebook's random state alone
+        cases = [(_labelled(_Small()), 0.1, "a small module: embedding, linear with a bias, "
+                                            "RMSNorm, a frozen linear, a buffer"),
+                 (_labelled(DeepSeekV3(TINY)), 0.1, "the tiny DeepSeekV3 (routing biases are "
+                                                    "buffers)"),
+                 (_labelled(DeepSeekV3(TINY)), 0.05, "the tiny DeepSeekV3, weight_decay=0.05")]
     for model, wd, case in cases:
         expected = _decay_of(param_groups(model, wd), model, case)
         got = _decay_of(call(fn, model, wd, case=case), model, case)
