@@ -499,7 +499,7 @@ MISTAKES = [
     ("bias_after_step", lambda b, loads, g: _sign(b, loads[:, -1].sum(0), g),
      "last micro-batch"),
     ("bias_after_step", lambda b, loads, g: _sign(b, loads[0].sum(0), g), "rank 0"),
-    ("bias_after_step", lambda b, loads, g: b - (_sign(b, loads.sum((0, 1)), g) - b),
+    ("bias_after_step", lambda b, loads, g: b + g * torch.sign((c := loads.sum((0, 1))) - c.mean()),
      "sign flipped"),
     ("bias_after_step", lambda b, loads, g: b + g * (loads.sum((0, 1)).mean() - loads.sum((0, 1))),
      "only the sign"),

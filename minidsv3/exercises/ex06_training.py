@@ -219,8 +219,9 @@ def _check_lr(fn, peak: float, warmup: int, total: int, min_ratio: float, steps)
 # ---------------------------------------------------------------------------------
 # Task 3: bias_after_step
 # ---------------------------------------------------------------------------------
-def _sign_rule(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
-    return bias + gamma * torch.sign(load.mean() - load)
+def _step(load: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The sign rule's change of the bias for expert loads ``load`` (E,)."""
+    return gamma * torch.sign(load.mean() - load)
 
 
 def _package_update(bias: torch.Tensor, loads: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -292,23 +293,22 @@ def _check_bias(fn, bias, loads, gamma, expected, case) -> None:
     case = f"{case}, gamma={gamma}"
     got = call(fn, bias.clone(), loads.clone(), gamma, case=case)
     total = loads.sum(dim=(0, 1))
-    per_micro = bias + sum(gamma * torch.sign(m.mean() - m) for m in loads.sum(0))
-    per_rank_micro = bias + sum(gamma * torch.sign(m.mean() - m) for m in loads.flatten(0, 1))
+    per_micro = bias + sum(_step(m, gamma) for m in loads.sum(0))  # summed over ranks
+    per_rank_micro = bias + sum(_step(m, gamma) for m in loads.flatten(0, 1))
     expect_close(got, expected, "new bias", case, atol=1e-7, variants=[
         (per_micro, "updated once per micro-batch: the bias moves once per optimizer step, "
                     "from the loads summed over all its micro-batches"),
         (per_rank_micro, "updated once per micro-batch and rank: the bias moves once per "
                          "optimizer step, from the loads summed over all micro-batches and "
                          "ranks"),
-        (_sign_rule(bias, loads[:, -1].sum(0), gamma),
+        (bias + _step(loads[:, -1].sum(0), gamma),
          "used only the last micro-batch's loads: sum over all micro-batches of the step"),
-        (_sign_rule(bias, loads[0].sum(0), gamma),
+        (bias + _step(loads[0].sum(0), gamma),
          "used only rank 0's loads: sum over the ranks too (train_step all-reduces them), or "
          "every rank would move its copy of the bias differently"),
-        (bias - gamma * torch.sign(total.mean() - total),
+        (bias - _step(total, gamma),
          "sign flipped: overloaded experts (load above the mean) must get a *lower* bias"),
         (bias + gamma * (total.mean() - total),
          "used gamma * (mean - load); the rule uses only the sign: gamma * sign(mean - load)"),
-        (gamma * torch.sign(total.mean() - total), "returned only the step: add it to the "
-                                                   "old bias"),
+        (_step(total, gamma), "returned only the step: add it to the old bias"),
     ])
