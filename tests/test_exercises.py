@@ -112,6 +112,13 @@ def test_build_rejects_misplaced_markers(source, problem):
         ex_build.strip_solutions(source, "cell 1")
 
 
+def test_build_leaves_a_blank_for_a_written_answer():
+    source = "**Why?**\n<!-- BEGIN ANSWER -->\nBecause.\n<!-- END ANSWER -->\nNext."
+    assert ex_build.strip_answers(source, "cell 1") == "**Why?**\n*Your answer:*\nNext."
+    with pytest.raises(ex_build.BuildError, match="never closed"):
+        ex_build.strip_answers("<!-- BEGIN ANSWER -->\nBecause.", "cell 1")
+
+
 def test_build_requires_a_check_cell_for_every_task(tmp_path):
     (tmp_path / "solutions").mkdir()
     write_nb(tmp_path / "solutions" / "05_mtp_solution.ipynb", [SOLUTION_CELL, "check(mtp_loss)"])
@@ -424,6 +431,41 @@ def _cost(later=True, per_trillion=True, dollars_per_gpu=False, days="pre"):
         return hours, dollars, wall
     return training_cost
 
+
+def _groups(decay, trainable_only=True, buffers=False):
+    """param_groups deciding by ``decay(name, p)``; optionally with frozen ones and buffers."""
+    def param_groups(model, weight_decay):
+        named = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad or not trainable_only]
+        rest = [p for n, p in named if not decay(n, p)] + (list(model.buffers()) if buffers
+                                                            else [])
+        return [{"params": [p for n, p in named if decay(n, p)], "weight_decay": weight_decay},
+                {"params": rest, "weight_decay": 0.0}]
+    return param_groups
+
+
+def _lr(first=1, cosine_from=None, floor=True, clamp=True):
+    def lr_at(step, peak, warmup, total, min_ratio):
+        if step < warmup:
+            return peak * (step + first) / warmup
+        start = warmup if cosine_from is None else cosine_from
+        progress = (step - start) / max(1, total - start)
+        progress = min(1.0, progress) if clamp else progress
+        low = min_ratio if floor else 0.0
+        return peak * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr_at
+
+
+def _sign(bias, load, gamma):
+    return bias + gamma * torch.sign(load.mean() - load)
+
+
+def _per_micro_batch(bias, loads, gamma):
+    for load in loads.sum(0):  # one update per micro-batch, as if inside the loop
+        bias = _sign(bias, load, gamma)
+    return bias
+
+
 MISTAKES = [
     ("rope_inv_freq", lambda d, t: t ** (-torch.arange(d // 2, dtype=torch.float64) / d),
      "uses i/dim"),
@@ -521,6 +563,24 @@ MISTAKES = [
     ("training_cost", _cost(days="one GPU"), "one GPU alone"),
     ("training_cost", _cost(days="hours"), "hours, not days"),
     ("training_cost", _cost(days="all"), "pre-training only"),
+    ("param_groups", _groups(lambda n, p: True), "decays everything"),
+    ("param_groups", _groups(lambda n, p: False), "decays nothing"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2 or "norm" in n), "RMSNorm weight"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2 and "embed" not in n), "the embedding"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2, buffers=True), "is a buffer"),
+    ("param_groups", _groups(lambda n, p: p.dim() >= 2, trainable_only=False), "frozen"),
+    ("lr_at", _lr(floor=False), "cosine decays to 0"),
+    ("lr_at", _lr(first=0), "warm-up off by one"),
+    ("lr_at", _lr(cosine_from=0), "cosine starts at step 0"),
+    ("lr_at", _lr(clamp=False), "rises again"),
+    ("bias_after_step", _per_micro_batch, "once per micro-batch"),
+    ("bias_after_step", lambda b, loads, g: _sign(b, loads[:, -1].sum(0), g),
+     "last micro-batch"),
+    ("bias_after_step", lambda b, loads, g: _sign(b, loads[0].sum(0), g), "rank 0"),
+    ("bias_after_step", lambda b, loads, g: b + g * torch.sign((c := loads.sum((0, 1))) - c.mean()),
+     "sign flipped"),
+    ("bias_after_step", lambda b, loads, g: b + g * (loads.sum((0, 1)).mean() - loads.sum((0, 1))),
+     "only the sign"),
 ]
 
 

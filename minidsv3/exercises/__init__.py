@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (importing registers each set's tasks)
     ex03_moe,
     ex04_balancing,
     ex05_mtp,
+    ex06_training,
     ex07_speculative,
     ex08_scale,
     ex10_fp8,

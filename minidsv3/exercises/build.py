@@ -6,9 +6,12 @@
 In a solution, the code between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` (inside
 a function body) is the answer. The student version keeps everything else -- the
 signature, the docstring, the statement, the check cells -- and replaces the marked
-lines with a stub that raises ``NotImplementedError``. Outputs and execution counts
-are cleared; notebook metadata is reduced to the kernelspec, the solution's language_info
-(what JupyterLab would write) and the exercise set (which the grader reads).
+lines with a stub that raises ``NotImplementedError``. In a markdown cell, a worked
+answer to a written question sits between ``<!-- BEGIN ANSWER -->`` and
+``<!-- END ANSWER -->`` lines; the student version has a blank for it. Outputs and
+execution counts are cleared; notebook metadata is reduced to the kernelspec, the
+solution's language_info (what JupyterLab would write) and the exercise set (which the
+grader reads).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import nbformat
 from .core import tasks_of
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+BEGIN_ANSWER, END_ANSWER = "<!-- BEGIN ANSWER -->", "<!-- END ANSWER -->"
+ANSWER_BLANK = "*Your answer:*"
 SUFFIX = "_solution"
 # The notebook metadata JupyterLab writes when it opens a notebook with the project's kernel
 # (`make install` registers it as python3, "Python 3 (ipykernel)"): the kernelspec, and the
@@ -72,6 +77,27 @@ def strip_solutions(source: str, where: str) -> str:
     return "\n".join(out)
 
 
+def strip_answers(source: str, where: str) -> str:
+    """Replace every BEGIN/END ANSWER region of a markdown cell by a blank for the answer."""
+    out, inside = [], False
+    for n, line in enumerate(source.split("\n")):
+        marker = line.strip()
+        if marker == BEGIN_ANSWER:
+            if inside:
+                raise BuildError(f"{where}: nested {BEGIN_ANSWER} at line {n + 1}")
+            inside = True
+            out.append(ANSWER_BLANK)
+        elif marker == END_ANSWER:
+            if not inside:
+                raise BuildError(f"{where}: {END_ANSWER} at line {n + 1} without {BEGIN_ANSWER}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise BuildError(f"{where}: {BEGIN_ANSWER} is never closed")
+    return "\n".join(out)
+
+
 def set_id_of(solution: Path) -> str:
     if not solution.stem.endswith(SUFFIX):
         raise BuildError(f"{solution}: solution notebooks are named NN_name{SUFFIX}.ipynb")
@@ -91,6 +117,8 @@ def student_notebook(solution: Path) -> nbformat.NotebookNode:
                              f"check({name}) cell")
     for n, cell in enumerate(nb.cells):
         cell.metadata = nbformat.NotebookNode()
+        if cell.cell_type == "markdown":
+            cell.source = strip_answers(cell.source, f"{solution.name}, cell {n + 1}")
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source, f"{solution.name}, cell {n + 1}")
             cell.outputs = []
