@@ -73,12 +73,15 @@ def load_heatmap_figure(records: list[dict[str, Any]], layer_names: list[str] | 
         raise ValueError("no evaluation with expert loads in these records (a dense model?)")
     rows = [[v * len(layer) / sum(layer) for v in layer] for layer in loads[-1]]
     names = (layer_names or [f"MoE layer {i}" for i in range(len(rows))])[: len(rows)]
-    fig = Figure(figsize=(1.2 + 0.5 * len(rows[0]), 1.2 + 0.5 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(2.0 + 0.75 * len(rows[0]), 1.4 + 0.6 * len(rows)), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(rows, cmap="coolwarm", vmin=0, vmax=2, aspect="auto")
+    # The colours span the data around 1 (the fair share), so that a balanced run's 0.93 and
+    # 1.10 are told apart instead of both looking white on a fixed 0..2 scale.
+    span = max(0.05, max(abs(v - 1) for row in rows for v in row))
+    image = ax.imshow(rows, cmap="coolwarm", vmin=1 - span, vmax=1 + span, aspect="auto")
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
     ax.set(xlabel="routed expert", yticks=range(len(rows)), yticklabels=names,
            title=f"expert load / mean load (validation, step {steps[-1]})")
     fig.colorbar(image, ax=ax)
@@ -93,11 +96,16 @@ def bias_figure(records: list[dict[str, Any]], layer_names: list[str] | None = N
     names = layer_names or [f"MoE layer {i}" for i in range(n_layers)]
     fig = Figure(figsize=(7, 2.2 * n_layers), layout="constrained")
     axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
+    n_experts = len(biases[0][0])
     for layer, ax in enumerate(axes):
-        for expert in range(len(biases[0][layer])):
-            ax.plot(steps, [b[layer][expert] for b in biases], lw=1)
+        for expert in range(n_experts):  # expert i has the same colour in every panel
+            ax.plot(steps, [b[layer][expert] for b in biases], lw=1, color=f"C{expert % 10}",
+                    label=f"expert {expert}")
         ax.set(ylabel="bias b_i", title=names[layer])
         ax.grid(alpha=0.3)
+    if n_experts <= 10:  # one legend for all panels, above them, while colours are distinct
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center",
+                   ncol=n_experts, fontsize=7)
     axes[-1].set_xlabel("step")
     return fig
 
