@@ -56,6 +56,15 @@ def cpu_model_and_flags(cpuinfo: str) -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_model(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name: /proc/cpuinfo's where there is one, else what Python knows."""
+    try:
+        model, _ = cpu_model_and_flags(cpuinfo_path.read_text(encoding="utf-8"))
+    except OSError:  # macOS, Windows: no /proc
+        model = ""
+    return model or platform.processor() or platform.machine()
+
+
 def cpu_report(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> list[str]:
     lines = [f"cores (os.cpu_count): {os.cpu_count()}",
              f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}"]

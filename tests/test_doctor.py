@@ -62,3 +62,10 @@ def test_the_report_has_every_section(capsys, tmp_path):
     assert f"torch {torch.__version__}" in out
     assert f"torch threads: {torch.get_num_threads()}" in out
     assert out.count("bf16 is ") == len(doctor.MATMUL_SHAPES)
+
+
+def test_cpu_model_reads_cpuinfo_and_falls_back_without_it(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert doctor.cpu_model(path) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert doctor.cpu_model(tmp_path / "missing")  # platform's name, never empty

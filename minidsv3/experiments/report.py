@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from ..doctor import cpu_model
 from ..plots import read_metrics
 from .ablations import AUX_ALPHAS, BY_NAME, GAMMAS, SCOPE_ALPHA, VARIANTS, run_dir
 
@@ -314,15 +314,7 @@ def val_loss_figure(results: list[dict[str, Any]], out_dir: Path) -> Figure:
 # ---------------------------------------------------------------- the page
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_page(results: list[dict[str, Any]], out_dir: Path, docs: Path, command: str) -> Path:
