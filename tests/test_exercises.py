@@ -19,8 +19,10 @@ from minidsv3.exercises import TASKS, check, hint, isolation, run_check, tasks_o
 from minidsv3.exercises import build as ex_build
 from minidsv3.exercises import grade as ex_grade
 from minidsv3.exercises.__main__ import main as cli
+from minidsv3.generate import Sampler
 from minidsv3.layers import apply_rotary_emb
 from minidsv3.moe import Gate, balance_loss, max_violation
+from minidsv3.speculative import accept_or_resample
 
 SOLUTIONS = sorted((ex_build.EXERCISES / "solutions").glob("*_solution.ipynb"))
 
@@ -254,6 +256,17 @@ def _accept(prefix=True, bonus=True):
         n = int(agree.cumprod(0).sum() if prefix else agree.sum())
         return verified[:n + 1] if bonus else draft[:n]
     return accept_greedy
+
+
+def _residual_rule(keep="p/q", residual="normalised"):
+    def accept_or_residual(p, q, x, u):
+        ratio = float(p[x] / q[x]) if keep == "p/q" else float(q[x] / max(p[x], 1e-12))
+        if ratio >= 1 or (ratio > 0 and u < ratio) if keep != "u > ratio" else u > ratio:
+            return True, None
+        left = {"normalised": (p - q).clamp(min=0), "unnormalised": (p - q).clamp(min=0),
+                "p": p, "swapped": (q - p).clamp(min=0)}[residual]
+        return False, left if residual == "unnormalised" else left / left.sum()
+    return accept_or_residual
 
 
 def _top_p_strict(logits, p):
@@ -525,6 +538,11 @@ MISTAKES = [
     ("accept_greedy", _accept(bonus=False), "main model's own token"),
     ("top_p_filter", _top_p_strict, "crosses p"),
     ("expected_tokens_per_step", lambda a, d: 1 + d * a, "independently"),
+    ("accept_or_residual", _residual_rule(residual="p"), "from p itself"),
+    ("accept_or_residual", _residual_rule(residual="unnormalised"), "not normalised"),
+    ("accept_or_residual", _residual_rule(residual="swapped"), "max(q - p, 0)"),
+    ("accept_or_residual", _residual_rule(keep="q/p"), "not q/p"),
+    ("accept_or_residual", _residual_rule(keep="u > ratio"), "smaller u"),
     ("quantize_tiles", _tiles(per_row=True), "one scale per row"),
     ("quantize_tiles", _tiles(divide=False), "forgot to divide by 448"),
     ("quantize_tiles", _tiles(block=(128, 1)), "tiles along M"),
@@ -834,7 +852,10 @@ def test_check_catches_a_function_that_calls_the_reference():
               ("training_flops_per_token", lambda cfg, T: scale.flops_per_token(cfg, T).training,
                "minidsv3.scale.flops_per_token"),
               ("moe_layer_params", lambda cfg: (scale.parameter_table(cfg)[7].total, 0),
-               "minidsv3.scale.parameter_table")]
+               "minidsv3.scale.parameter_table"),
+              ("accept_or_residual", lambda p, q, x, u: (bool(accept_or_resample(
+                  torch.stack([p, p]), q[None], [x], Sampler(1.0))[0]), None),
+               "minidsv3.speculative.accept_or_resample")]
     for name, fn, words in cheats:
         verdict = run_check(name, fn)
         assert verdict.status == "fail" and words in verdict.message, verdict.line()

@@ -1,4 +1,5 @@
-"""Exercise set 07: generation -- greedy speculative acceptance, top-p, speed-up.
+"""Exercise set 07: generation -- greedy acceptance, top-p, tokens per forward, and the
+accept/reject rule of speculative sampling with its residual.
 
 References: ``minidsv3.speculative.accept_or_resample`` with a greedy ``Sampler``
 (one-hot distributions turn the accept/reject rule into "keep the longest agreeing
@@ -126,5 +127,75 @@ def check_expected_tokens(fn) -> int:
             (torch.tensor(1 + depth * alpha), "counted each draft independently: draft j only "
                                               "lands if drafts 1..j-1 did, so it adds alpha ** j"),
             (expected - 1, "forgot the main model's own token: every step yields at least 1"),
+        ])
+    return len(cases)
+
+
+class _Replay:
+    """A stand-in for ``Sampler``: hands out a fixed uniform and records what is drawn from."""
+
+    def __init__(self, u: float):
+        self.u, self.drawn_from = u, None
+
+    def uniform(self) -> float:
+        return self.u
+
+    def draw(self, probs: torch.Tensor) -> int:
+        self.drawn_from = probs
+        return 0
+
+
+def _reference_residual(p, q, x, u):
+    """The package's rule on one draft: (kept?, the distribution a rejection draws from)."""
+    replay = _Replay(u)
+    kept, _ = accept_or_resample(torch.stack([p, p]), q[None], [x], replay)
+    return (True, None) if kept else (False, replay.drawn_from)
+
+
+@task(SET, "accept_or_residual", references=[accept_or_resample], hints=[
+    "The draft is kept when u < p(x) / q(x); a ratio of 1 or more keeps it whatever u is.",
+    "Rejected: the replacement comes from what p has and q has not, max(p - q, 0), "
+    "divided by its sum so that it is a distribution.",
+    "Why it is exact: q(y) min(1, p(y)/q(y)) + P(reject) r(y) = min(p, q) + max(p - q, 0) = p(y).",
+])
+def check_accept_or_residual(fn) -> int:
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for seed_case in range(4):  # random p and q over 8 tokens, a draft with p(x) < q(x)
+        p, q = torch.rand(8, generator=g), torch.rand(8, generator=g)
+        p, q = p / p.sum(), q / q.sum()
+        x = int(((p / q) - 0.5).abs().argmin())  # the token whose ratio is nearest 0.5
+        ratio = float(p[x] / q[x])
+        u = ratio * 0.5 if seed_case % 2 == 0 else min(0.999, ratio + 0.5 * (1 - ratio))
+        cases.append((f"random p, q; p(x)/q(x) = {ratio:.2f}, u = {u:.2f}", p, q, x, u))
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    cases += [("p(x) > q(x): always kept", p, q, 0, 0.999),
+              ("p(x) = 0: always rejected", p, q, 3, 0.0)]
+    for case, p, q, x, u in cases:
+        kept, residual = _reference_residual(p, q, x, u)
+        got = call(fn, p.clone(), q.clone(), x, u, case=case)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise Fail(f"return a pair (kept, residual), got {type(got).__name__} (case: {case})")
+        got_kept, got_residual = got
+        ratio = float(p[x] / q[x])
+        if bool(got_kept) != kept:
+            why = ("kept: the ratio is at least 1, so it is kept whatever u is" if ratio >= 1
+                   else "kept: u < p(x)/q(x), and a smaller u must make keeping likelier"
+                   if kept else "rejected: u >= p(x)/q(x); the ratio is p/q, not q/p")
+            raise Fail(f"kept: returned {bool(got_kept)}, but with p(x)/q(x) = {ratio:.3f} and "
+                       f"u = {u:.3f} the draft is {why} (case: {case})")
+        if kept:
+            if got_residual is not None:
+                raise Fail(f"residual: a kept draft needs no replacement, return None "
+                           f"(case: {case})")
+            continue
+        left = (p - q).clamp(min=0)
+        expect_close(got_residual, residual, "residual", case, variants=[
+            (p, "drew the replacement from p itself: subtract q first, max(p - q, 0), or the "
+                "tokens the drafter already proposes too often come out too often"),
+            (left, "not normalised: divide max(p - q, 0) by its sum"),
+            ((q - p).clamp(min=0) / (q - p).clamp(min=0).sum(),
+             "took max(q - p, 0): the residual is what p has and q lacks"),
         ])
     return len(cases)
