@@ -260,8 +260,10 @@ def _accept(prefix=True, bonus=True):
 
 def _residual_rule(keep="p/q", residual="normalised"):
     def accept_or_residual(p, q, x, u):
-        ratio = float(p[x] / q[x]) if keep == "p/q" else float(q[x] / max(p[x], 1e-12))
-        if ratio >= 1 or (ratio > 0 and u < ratio) if keep != "u > ratio" else u > ratio:
+        ratio = float(p[x] / q[x])  # u < 1, so a ratio >= 1 always keeps the draft
+        kept = {"p/q": u < ratio, "q/p": u < float(q[x] / max(p[x], 1e-12)),
+                "u > ratio": u > ratio}[keep]
+        if kept:
             return True, None
         left = {"normalised": (p - q).clamp(min=0), "unnormalised": (p - q).clamp(min=0),
                 "p": p, "swapped": (q - p).clamp(min=0)}[residual]
