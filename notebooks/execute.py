@@ -41,9 +41,27 @@ def scrub(nb: nbformat.NotebookNode) -> None:
             # nbval refuses cells that have outputs but no execution count: renumber 1, 2, ...
             count += 1
             cell.execution_count = count
+            cell.outputs = merge_streams(cell.outputs)
             for output in cell.outputs:
                 if "execution_count" in output:
                     output["execution_count"] = count
+
+
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) blocks into one.
+
+    The kernel flushes a long print in pieces whose boundaries depend on timing, so the same
+    text would be stored as one block in one run and three in the next: noise in every diff.
+    """
+    merged = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (output.output_type == "stream" and previous is not None
+                and previous.output_type == "stream" and previous.name == output.name):
+            previous.text += output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def execute(path: Path, timeout: int) -> float:
