@@ -17,10 +17,12 @@ from einops import einsum, rearrange
 from minidsv3 import ModelConfig, scale
 from minidsv3.exercises import TASKS, check, hint, isolation, run_check, tasks_of
 from minidsv3.exercises import build as ex_build
+from minidsv3.exercises import ex02_mla as ex02
 from minidsv3.exercises import grade as ex_grade
 from minidsv3.exercises.__main__ import main as cli
 from minidsv3.generate import Sampler
-from minidsv3.layers import apply_rotary_emb
+from minidsv3.layers import apply_rotary_emb, softmax_scale
+from minidsv3.mla import MLA
 from minidsv3.moe import Gate, balance_loss, max_violation
 from minidsv3.speculative import accept_or_resample
 
@@ -336,6 +338,45 @@ def _cache(rope=True, bytes_=True, raises=True):
     return cache_bytes_per_token
 
 
+def _mla(causal=True, width="qk", mscale="when on", rope_k=True, norm_kv=True,
+         kv_rows="per head", w_uv=True, o_proj=True, rope_part=True):
+    """absorbed_mla with one mistake; ``width`` names the field the scale is 1/sqrt of."""
+    def absorbed_mla(x, w, freqs, cfg):
+        H, d_h, d_r, d_v = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                            cfg.qk_rope_head_dim, cfg.v_head_dim)
+        eps, T = cfg.rms_norm_eps, x.shape[1]
+        c_q = _rms(x @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], eps)
+        q = c_q @ w["q_b_proj.weight"].T
+        q_nope, q_pe = rearrange(q, "b t (h d) -> b t h d", h=H).split([d_h, d_r], -1)
+        q_pe = apply_rotary_emb(q_pe, freqs)
+        c, k_pe = (x @ w["kv_a_proj_with_mqa.weight"].T).split([cfg.kv_lora_rank, d_r], -1)
+        c = _rms(c, w["kv_a_layernorm.weight"], eps) if norm_kv else c
+        k_pe = apply_rotary_emb(k_pe[:, :, None], freqs)[:, :, 0] if rope_k else k_pe
+        if kv_rows == "all heads":
+            w_uk, w_v = (rearrange(t, "(h d) c -> h d c", h=H)
+                         for t in w["kv_b_proj.weight"].split([H * d_h, H * d_v]))
+        else:
+            per_head = rearrange(w["kv_b_proj.weight"], "(h d) c -> h d c", h=H)
+            w_uk, w_v = per_head.split([d_h, d_v], 1)
+            w_uk, w_v = (w_v, w_uk) if kv_rows == "values first" else (w_uk, w_v)
+        y = cfg.rope_scaling
+        on = y is not None and (mscale == "always" or cfg.max_position_embeddings
+                                > y.original_max_position_embeddings)
+        m = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1 if on and mscale != "never" else 1.0
+        scale = getattr(cfg, f"{width}_head_dim") ** -0.5 * (m if mscale == "once" else m * m)
+        s = einsum(einsum(q_nope, w_uk, "b t h d, h d c -> b t h c"), c,
+                   "b t h c, b s c -> b h t s")
+        if rope_part:
+            s = s + einsum(q_pe, k_pe, "b t h r, b s r -> b h t s")
+        if causal:
+            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        o = einsum(s.mul(scale).softmax(-1), c, "b h t s, b s c -> b t h c")
+        o = rearrange(einsum(o, w_v, "b t h c, h v c -> b t h v") if w_uv else o,
+                      "b t h v -> b t (h v)")
+        return o @ w["o_proj.weight"].T if o_proj else o
+    return absorbed_mla
+
+
 def _mtp_inputs(ahead_shift=0, targets_from_tokens=False, h_tail=False):
     def mtp_inputs(tokens, targets, h_prev, k):
         T = tokens.shape[1]
@@ -507,6 +548,18 @@ MISTAKES = [
     ("cache_bytes_per_token", _cache(rope=False), "decoupled RoPE key"),
     ("cache_bytes_per_token", _cache(bytes_=False), "not bytes"),
     ("cache_bytes_per_token", _cache(raises=False), "raise ValueError"),
+    ("absorbed_mla", _mla(causal=False), "no causal mask"),
+    ("absorbed_mla", _mla(width="qk_nope"), "scaled by 1/sqrt(8) (qk_nope_head_dim = "),
+    ("absorbed_mla", _mla(mscale="never"), "left out YaRN's temperature"),
+    ("absorbed_mla", _mla(mscale="once"), "mscale applied once"),
+    ("absorbed_mla", _mla(mscale="always"), "YaRN is off in this config"),
+    ("absorbed_mla", _mla(rope_part=False), "RoPE part q_R . k_R of the score is missing"),
+    ("absorbed_mla", _mla(rope_k=False), "shared key k_R is not rotated"),
+    ("absorbed_mla", _mla(norm_kv=False), "c_KV is not normalised"),
+    ("absorbed_mla", _mla(kv_rows="all heads"), "across all heads first"),
+    ("absorbed_mla", _mla(kv_rows="values first"), "W_UK and W_UV swapped"),
+    ("absorbed_mla", _mla(w_uv=False), "forgot W_UV"),
+    ("absorbed_mla", _mla(o_proj=False), "forgot the output projection"),
     ("swiglu_expert", lambda x, g, u, d: ((x @ g.T) * F.silu(x @ u.T)) @ d.T, "up projection"),
     ("swiglu_expert", lambda x, g, u, d: (F.relu(x @ g.T) * (x @ u.T)) @ d.T, "ReLU"),
     ("group_limited_topk", lambda b, g, kg, k: _topk(b, g, kg, k, lambda x: x.amax(-1)),
@@ -602,6 +655,19 @@ MISTAKES = [
     ("bias_after_step", lambda b, loads, g: b + g * (loads.sum((0, 1)).mean() - loads.sum((0, 1))),
      "only the sign"),
 ]
+
+
+def test_the_mla_checkers_mistakes_are_each_one_mistake_from_the_package():
+    """absorbed_mla's variants come from one forward with switches; all off, it is the package."""
+    gen = torch.Generator().manual_seed(0)
+    for cfg in [*ex02.CONFIGS.values(), *ex02.YARN_CONFIGS.values()]:
+        layer = ex02._random_mla(cfg, gen)
+        x = torch.randn(2, 5, cfg.hidden_size, generator=gen)
+        freqs = ex02._random_freqs(5, cfg.qk_rope_head_dim, gen)  # (T, d_R/2)
+        weights = {key: w.detach() for key, w in layer.state_dict().items()}
+        with torch.no_grad():
+            torch.testing.assert_close(ex02._mla_forward(x, weights, freqs, cfg, scale=layer.scale),
+                                       layer(x, freqs, mode="absorbed"))
 
 
 @pytest.mark.parametrize("name, wrong, words", MISTAKES,
@@ -840,6 +906,7 @@ def test_processes_a_notebook_starts_do_not_outlive_the_grader(hostile):
 
 def test_check_catches_a_function_that_calls_the_reference():
     ref = balance_loss  # an alias taken beforehand is the same function
+    layer = MLA(ModelConfig.preset("tiny"))  # built beforehand: the first case is tiny
 
     def hidden(load):  # switching the profiler off does not hide it
         sys.setprofile(None)
@@ -859,7 +926,11 @@ def test_check_catches_a_function_that_calls_the_reference():
                "minidsv3.scale.parameter_table"),
               ("accept_or_residual", lambda p, q, x, u: (bool(accept_or_resample(
                   torch.stack([p, p]), q[None], [x], Sampler(1.0))[0]), None),
-               "minidsv3.speculative.accept_or_resample")]
+               "minidsv3.speculative.accept_or_resample"),
+              ("absorbed_mla", lambda x, w, f, cfg: (layer.load_state_dict(w), layer(
+                  x, f, mode="absorbed"))[1], "minidsv3.mla.MLA.forward"),
+              ("absorbed_mla", lambda x, w, f, cfg: x * softmax_scale(cfg),
+               "minidsv3.layers.softmax_scale")]
     for name, fn, words in cheats:
         verdict = run_check(name, fn)
         assert verdict.status == "fail" and words in verdict.message, verdict.line()

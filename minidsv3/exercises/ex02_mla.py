@@ -1,17 +1,22 @@
 """Exercise set 02: Multi-head Latent Attention.
 
-Joint KV compression, per-head expansion, the absorbed score computation and the
-cache size. References: ``minidsv3.mla`` (MLA.latents, the absorbed path of
-MLA.forward, cache_bytes_per_token).
+Joint KV compression, per-head expansion, the absorbed score computation, the
+cache size and, unguided, a whole absorbed MLA layer from its weights. References:
+``minidsv3.mla`` (MLA.latents, the absorbed path of MLA.forward,
+cache_bytes_per_token).
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from ..config import ModelConfig
+from ..layers import apply_rotary_emb, softmax_scale, uses_yarn, yarn_mscale
 from ..mla import MLA, cache_bytes_per_token, causal_mask
 from .compare import expect_close, expect_equal, expect_tuple
 from .core import Fail, NotDone, call, describe_exception, task
@@ -221,3 +226,167 @@ def check_cache_bytes(fn) -> int:
         raise Fail(f"mode='paged' should raise ValueError, but your function raised "
                    f"{describe_exception(err, fn)}") from None
     raise Fail(f"mode='paged' returned {got!r}; raise ValueError for an unknown mode")
+
+
+# ---------------------------------------------------------------------------------
+# The unguided task: a whole absorbed MLA layer from its weights
+# ---------------------------------------------------------------------------------
+def _mla_forward(x, weights, freqs, cfg, *, scale, causal=True, scale_rope=True, rope_part=True,
+                 rope_q=True, rope_k=True, norm_q=True, norm_kv=True, kv_rows="per head",
+                 w_uv=True, o_proj=True, softmax_dim=-1):
+    """The absorbed forward with one mistake switched on: the result a mistaken student gets."""
+    H, d_h, d_r, d_v = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                        cfg.v_head_dim)
+    eps, T = cfg.rms_norm_eps, x.shape[1]
+    c_q = x @ weights["q_a_proj.weight"].T
+    c_q = _rms(c_q, weights["q_a_layernorm.weight"], eps) if norm_q else c_q
+    q = rearrange(c_q @ weights["q_b_proj.weight"].T, "b t (h d) -> b t h d", h=H)
+    q_nope, q_pe = q.split([d_h, d_r], dim=-1)
+    q_pe = apply_rotary_emb(q_pe, freqs) if rope_q else q_pe
+    c_kv, k_pe = (x @ weights["kv_a_proj_with_mqa.weight"].T).split([cfg.kv_lora_rank, d_r], -1)
+    c_kv = _rms(c_kv, weights["kv_a_layernorm.weight"], eps) if norm_kv else c_kv
+    k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs).squeeze(2) if rope_k else k_pe
+    w = weights["kv_b_proj.weight"]  # (H*(d_h+d_v), d_c)
+    if kv_rows == "all heads":  # all heads' keys first, then all values
+        w_uk, w_uv_ = (rearrange(part, "(h d) c -> h d c", h=H) for part in w.split(
+            [H * d_h, H * d_v]))
+    elif kv_rows == "values first":  # each head's halves swapped
+        w_uv_, w_uk = rearrange(w, "(h d) c -> h d c", h=H).split([d_v, d_h], dim=1)
+    else:
+        w_uk, w_uv_ = rearrange(w, "(h d) c -> h d c", h=H).split([d_h, d_v], dim=1)
+    content = einsum(einsum(q_nope, w_uk, "b t h d, h d c -> b t h c"), c_kv,
+                     "b t h c, b s c -> b h t s")
+    position = einsum(q_pe, k_pe, "b t h r, b s r -> b h t s") if rope_part else 0
+    scores = content * scale + position * (scale if scale_rope else 1)  # (B, H, T, S)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(T, T), float("-inf"))
+    o = einsum(scores.softmax(softmax_dim), c_kv, "b h t s, b s c -> b t h c")
+    o = einsum(o, w_uv_, "b t h c, h v c -> b t h v") if w_uv else o  # (B, T, H, d_v)
+    o = rearrange(o, "b t h v -> b t (h v)")
+    return o @ weights["o_proj.weight"].T if o_proj else o
+
+
+def _mistakes(x, weights, freqs, cfg, scale):
+    """``mistake(**switch)``: a callable that gives the output with that mistake switched on."""
+    def mistake(**switch):
+        return partial(_mla_forward, x, weights, freqs, cfg, **{"scale": scale, **switch})
+    return mistake
+
+
+def _scale_variants(cfg: ModelConfig, right: float) -> list[tuple[float, str]]:
+    """Softmax scales a student may use instead of ``right``, each with what is wrong."""
+    d_qk, y = cfg.qk_head_dim, cfg.rope_scaling
+    plain = d_qk**-0.5
+    should = f"1/sqrt(qk_nope_head_dim + qk_rope_head_dim) = 1/sqrt({d_qk})"
+    found = []
+    if y is not None:
+        m = yarn_mscale(y.factor, y.mscale_all_dim)
+        if uses_yarn(cfg):
+            found += [(plain, f"left out YaRN's temperature: this config is built for "
+                              f"{cfg.max_position_embeddings} positions, more than "
+                              f"original_max_position_embeddings = "
+                              f"{y.original_max_position_embeddings}, so the scale is "
+                              f"{should} times mscale² (mscale = 0.1 mscale_all_dim ln(factor) "
+                              f"+ 1 = {m:.4f})"),
+                      (plain * m, "mscale applied once: the scale is multiplied by mscale² "
+                                  "(the temperature acts on the query and on the key)")]
+        else:
+            found += [(plain * m * m, f"applied YaRN's mscale², but YaRN is off in this config: "
+                                      f"max_position_embeddings = {cfg.max_position_embeddings} "
+                                      f"does not exceed original_max_position_embeddings = "
+                                      f"{y.original_max_position_embeddings}, so the scale is "
+                                      f"plain {should}")]
+    widths = {}  # the widths a student may mistake for the head width, grouped by value
+    for field in ("qk_nope_head_dim", "kv_lora_rank", "v_head_dim", "qk_rope_head_dim"):
+        widths.setdefault(getattr(cfg, field), []).append(field)
+    for n, fields in widths.items():  # (times YaRN's factor right / plain, if any)
+        found.append((n**-0.5 * right / plain,
+                      f"scaled by 1/sqrt({n}) ({' = '.join(fields)} = {n}); the scale is "
+                      f"{should}: both parts of the score count, and absorbing W_UK into the "
+                      f"query changes no score"))
+    found.append((1.0, f"no softmax scale: multiply the scores by {should}"))
+    return [(s, msg) for s, msg in found if not math.isclose(s, right)]
+
+
+# The uneven config with YaRN switched on (64 positions > 16 of pre-training) and with the
+# same rope_scaling block but off (64 positions = 64): the softmax scale differs.
+_YARN = dict(factor=40.0, mscale=1.0, mscale_all_dim=1.0)  # the release's values
+YARN_CONFIGS = {
+    "uneven, YaRN on": CONFIGS["uneven"].replace(
+        rope_scaling=dict(_YARN, original_max_position_embeddings=16)),
+    "uneven, YaRN off": CONFIGS["uneven"].replace(
+        rope_scaling=dict(_YARN, original_max_position_embeddings=64)),
+}
+
+
+@task(SET, "absorbed_mla", references=[MLA.forward, MLA._absorbed, MLA._naive, MLA.queries,
+                                       MLA.latents, softmax_scale, uses_yarn, yarn_mscale],
+      hints=[
+          "It is the absorbed path of notebook 02 (section 5, mla_absorbed) fed from the "
+          "weight dict: queries, latents, scores, causal softmax, values, output projection. "
+          "Your compress_kv and absorbed_scores are two of those steps, and expand_kv shows how "
+          "kv_b_proj splits per head: call them or reuse them.",
+          "Queries: RMSNorm(x @ q_a_proj.T) with q_a_layernorm's weight, then @ q_b_proj.T, "
+          "per head [qk_nope_head_dim | qk_rope_head_dim] with RoPE on the second part. Scale: "
+          "1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times (0.1 mscale_all_dim ln(factor) "
+          "+ 1)² only when cfg.rope_scaling is set and max_position_embeddings > its "
+          "original_max_position_embeddings.",
+          "Set the scores above the diagonal to -inf (query t sees keys s <= t), softmax over "
+          "the last axis, o_latent = einsum(probs, c_kv, 'b h t s, b s c -> b t h c'), o = "
+          "einsum(o_latent, w_uv, 'b t h c, h v c -> b t h v'), and return "
+          "rearrange(o, 'b t h v -> b t (h v)') @ weights['o_proj.weight'].T.",
+      ])
+def check_absorbed_mla(fn) -> int:
+    gen = torch.Generator().manual_seed(5)
+    cases = [("tiny", CONFIGS["tiny"], 2, 5), ("uneven", CONFIGS["uneven"], 2, 6),
+             ("tiny", CONFIGS["tiny"], 3, 1), ("uneven", CONFIGS["uneven"], 1, 1),
+             *((name, cfg, 2, 5) for name, cfg in YARN_CONFIGS.items())]
+    for name, cfg, B, T in cases:
+        mla = _random_mla(cfg, gen)
+        weights = {key: w.detach() for key, w in mla.state_dict().items()}
+        x = torch.randn(B, T, cfg.hidden_size, generator=gen)
+        freqs = _random_freqs(T, cfg.qk_rope_head_dim, gen)
+        with torch.no_grad():
+            expected = mla(x, freqs, mode="absorbed")  # (B, T, d)
+        case = f"{name} config, x of shape {tuple(x.shape)}"
+        got = call(fn, x.clone(), {key: w.clone() for key, w in weights.items()}, freqs.clone(),
+                   cfg.replace(), case=case)
+        mistake = _mistakes(x, weights, freqs, cfg, mla.scale)
+        d_h, d_v, d_c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        per_head = ("kv_b_proj's rows go head by head: head 0's qk_nope_head_dim rows of W_UK, "
+                    "then its v_head_dim rows of W_UV, then head 1's, ...")
+        variants = [
+            (mistake(causal=False), "no causal mask: query t may attend only to keys s <= t; "
+                                    "set the scores above the diagonal to -inf before the "
+                                    "softmax"),
+            *((mistake(scale=s), message) for s, message in _scale_variants(cfg, mla.scale)),
+            (mistake(scale_rope=False), "scaled only the content part: the scale multiplies "
+                                        "the whole score, the RoPE part q_R . k_R too"),
+            (mistake(rope_part=False), "the RoPE part q_R . k_R of the score is missing: add "
+                                       "it to the content part (W_UK^T q_C) . c_KV"),
+            (mistake(rope_k=False), "the shared key k_R is not rotated: apply RoPE to the last "
+                                    "qk_rope_head_dim outputs of kv_a_proj_with_mqa"),
+            (mistake(rope_q=False), "the query's RoPE part is not rotated: apply RoPE to the "
+                                    "last qk_rope_head_dim values of each head's query"),
+            (mistake(norm_kv=False), "c_KV is not normalised: apply RMSNorm with "
+                                     "kv_a_layernorm's weight to the latent (it serves as key "
+                                     "and as value)"),
+            (mistake(norm_q=False), "the query latent is not normalised: apply RMSNorm with "
+                                    "q_a_layernorm's weight between q_a_proj and q_b_proj"),
+            (mistake(kv_rows="all heads"), "you split keys from values across all heads "
+                                           "first; " + per_head),
+            (mistake(o_proj=False), "forgot the output projection: multiply the heads' "
+                                    "concatenated outputs by o_proj's weight"),
+            (mistake(softmax_dim=-2), "softmax over the wrong axis: each query's weights over "
+                                      "the keys (the last axis) must sum to 1"),
+        ]
+        if d_h == d_v:  # otherwise the swapped halves do not even fit the query
+            variants.append((mistake(kv_rows="values first"), "W_UK and W_UV swapped: " +
+                             per_head))
+        if d_c == d_v:  # otherwise o_proj does not fit
+            variants.append((mistake(w_uv=False), "forgot W_UV: the attention output is "
+                                                  "still in latent space (kv_lora_rank per "
+                                                  "head); apply each head's W_UV before "
+                                                  "o_proj"))
+        expect_close(got, expected, "output", case, variants=variants)
+    return len(cases)
