@@ -152,7 +152,8 @@ def _reference_scale(nope: int, rope: int, factor: float, mscale_all_dim: float,
     "Without YaRN the scale is 1 / sqrt(d_h + d_R): the score is a dot product over both parts.",
     "YaRN is active only when max_len > original_len; then mscale = 0.1 * mscale_all_dim * "
     "ln(factor) + 1 (natural log), and 1 when factor <= 1.",
-    "Queries and keys both carry one mscale, so the scale is multiplied by mscale ** 2.",
+    "Queries and keys both carry one mscale, so the scale is mscale ** 2 / sqrt(d_h + d_R) "
+    "when YaRN is active and 1 / sqrt(d_h + d_R) otherwise.",
 ])
 def check_softmax_scale(fn) -> int:
     cases = [  # d_h, d_R, factor, mscale_all_dim, max_len, original_len

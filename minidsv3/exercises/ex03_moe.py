@@ -186,11 +186,14 @@ def check_gate(fn) -> int:
 
 
 @task(SET, "moe_combine", references=[MoE.forward, LocalDispatcher.__call__, run_experts], hints=[
-    "For every token n and slot j, expert idx[n, j] processes x[n] and its output is scaled "
-    "by weights[n, j].",
-    "Sum over the K slots and add shared_expert(x): the shared expert sees every token.",
-    "A simple loop: for e, expert in enumerate(experts): rows, slots = (idx == e).nonzero("
-    "as_tuple=True); out[rows] += weights[rows, slots, None] * expert(x[rows]).",
+    "Eq. 12 without the residual: out[n] = shared_expert(x)[n] + the sum over the K slots j of "
+    "weights[n, j] * experts[idx[n, j]](x[n]). The shared expert sees every token.",
+    "Run each expert once, on its own tokens: rows, slots = (idx == e).nonzero(as_tuple=True) "
+    "are the tokens that chose expert e and the slots where they chose it; their gate weights "
+    "are weights[rows, slots].",
+    "Start from out = shared_expert(x); then for e, expert in enumerate(experts): rows, slots = "
+    "(idx == e).nonzero(as_tuple=True); out = out.index_add(0, rows, weights[rows, slots, None] "
+    "* expert(x[rows])).",
 ])
 def check_moe_combine(fn) -> int:
     gen = torch.Generator().manual_seed(8)

@@ -116,10 +116,14 @@ def check_max_violation(fn) -> int:
 
 
 @task(SET, "sequence_balance_loss", references=[balance_loss], hints=[
-    "Work per sequence (axis 0 of scores and topk_idx), then average over sequences.",
+    "Work per sequence (axis 0 of scores and topk_idx), then average over sequences. Per "
+    "sequence, f_i says how often expert i was chosen relative to its fair share (1 when "
+    "balanced) and P_i is its mean normalised affinity; L = alpha * sum_i f_i * P_i.",
     "f_i = N_r / (K_r * T) * (number of the sequence's tokens routed to i); P_i = mean over "
     "the T tokens of s'_i, where s' = s / s.sum(-1, keepdim=True).",
-    "L = alpha * sum_i f_i * P_i for each sequence; the counts need no gradient, P_i keeps it.",
+    "Counts per sequence, (B, N_r): torch.zeros(B, N_r).scatter_add_(1, topk_idx.reshape(B, "
+    "T * K_r), torch.ones(B, T * K_r)). Then alpha * (f * P).sum(-1).mean(); the counts need "
+    "no gradient, P keeps it.",
 ])
 def check_sequence_balance_loss(fn) -> int:
     stats = _router_stats(3, 6, seed=13)

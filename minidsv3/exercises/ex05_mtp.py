@@ -1,7 +1,8 @@
 """Exercise set 05: multi-token prediction.
 
 Target alignment of depth k, the merge of embedding and hidden state, and the
-lambda-weighted loss. References: ``minidsv3.mtp`` (mtp_inputs, MTPModule, mtp_loss).
+lambda-weighted loss; the notebook asks for them in the reverse order, the alignment last as
+the open task. References: ``minidsv3.mtp`` (mtp_inputs, MTPModule, mtp_loss).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ SET = "05_mtp"
 
 
 @task(SET, "mtp_inputs", references=[mtp_inputs], hints=[
-    "Depth k sees T - k positions: position i has a token k ahead only for i < T - k.",
+    "Depth k predicts t_{i+k+1}, and the window's last target is t_{T+1}: so i runs over "
+    "1 .. T - k, T - k positions.",
     "At position i it combines h^{k-1}_i with the embedding of t_{i+k}: tokens[:, k:].",
     "It predicts t_{i+k+1}, which is targets[:, k:] (targets are the tokens shifted by one); "
     "h_prev keeps its first T - k positions: h_prev[:, :T - k].",
