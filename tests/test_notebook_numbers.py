@@ -1,4 +1,5 @@
-"""Every number a walkthrough quotes in its prose comes from the notebook itself.
+"""Every number a walkthrough or an instructors' key quotes in its prose comes from the
+notebook itself.
 
 The rule for notebook authors: a measurement you write in a markdown cell (a count, a
 ratio, a loss, a percentage, a size) must appear among the numbers the committed full run
@@ -12,7 +13,8 @@ How a quoted number matches:
   (``0.117`` matches ``0.1172``; ``87%`` matches ``87.3%`` and also the fraction ``0.873``).
 - A suffix scales: ``11.6B`` matches ``11,610,067,968``, ``2M`` matches ``2,000,000``
   (K, M, B, T; GiB/MiB/KiB and GB/MB/KB as powers of 1024 and 1000); the printed number
-  may carry the same suffix instead.
+  may carry the same suffix instead, or none at all where a table names the unit in its
+  header (a column "IB KB" printing 150.5 serves a quoted ``150.5 KB``).
 - ``1e-3`` matches a printed number that equals it at the mantissa's precision.
 
 What is not a quoted measurement, and is not checked:
@@ -37,6 +39,8 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 WALKTHROUGHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+KEYS = sorted(NOTEBOOKS.glob("exercises/solutions/key_*.ipynb"))  # worked answers to the prompts
+CHECKED = {path.stem: path for path in WALKTHROUGHS + KEYS}
 COMMITTED = WALKTHROUGHS + sorted(NOTEBOOKS.glob("exercises/**/*.ipynb"))
 
 # notebook stem -> {quoted text as written: where it comes from}. Keep it short: a fact
@@ -82,6 +86,11 @@ PAPER_FACTS = {
     "09_scale_out": {"holds it: 671B": "V3 report, abstract",
                      "reaches about 160 GB/s": "V3 report sec. 3.2.2"},
     "10_fp8_training": {"Appendix B.1, about 1T": "V3 report, appendix B.1"},
+    "key_01_rmsnorm_rope_yarn": {"16K context": "the walkthrough's prompt (s = 4 x 4K)"},
+    "key_04_aux_loss_free_balancing": {"last 500B tokens": "V3 report sec. 4.2",
+                                       "after 14.3T": "V3 report sec. 4.2"},
+    "key_09_scale_out": {"an 80 GB H800": "the H800's memory (V3 report sec. 3.1)",
+                         "at 160 GB/s": "V3 report sec. 3.2.2 (NVLink)"},
     "07_generate_and_speculate": {
         "trains for 540 s": "the Makefile's TRAIN_SECONDS", "--time-budget 540": "the Makefile",
         "160-wide latent": "d_c + d_R = 128 + 32 of the attention config, in the formula above",
@@ -210,6 +219,8 @@ def matches(m, printed, suffix=None):
         if not suffix and printed_suffix in SCALE and _rounds_to(
                 x * SCALE[printed_suffix], target, decimals):
             return True
+        if suffix in SCALE and not printed_suffix and _rounds_to(x, target, decimals):
+            return True  # a table that names the unit in its header ("IB KB") prints 150.5
     return False
 
 
@@ -230,7 +241,7 @@ def unmatched(path):
     return checked, missing
 
 
-@pytest.mark.parametrize("path", WALKTHROUGHS, ids=[p.stem for p in WALKTHROUGHS])
+@pytest.mark.parametrize("path", CHECKED.values(), ids=CHECKED)
 def test_every_number_the_prose_quotes_is_printed_by_the_notebook(path):
     checked, missing = unmatched(path)
     assert checked > 0, f"{path.name}: no quoted number found; is the parser broken?"
@@ -242,7 +253,7 @@ def test_every_number_the_prose_quotes_is_printed_by_the_notebook(path):
 @pytest.mark.parametrize("stem", sorted({*PAPER_FACTS, *NOT_YET_PRINTED}))
 def test_every_allowed_quote_is_still_in_its_notebook(stem):
     # an entry whose prose has been fixed or reworded must leave the lists
-    path = NOTEBOOKS / f"{stem}.ipynb"
+    path = CHECKED[stem]
     contexts = [context for cell in nbformat.read(path, as_version=4).cells
                 if cell.cell_type == "markdown" for _, _, context in quoted_numbers(cell.source)]
     stale = [fact for fact in [*PAPER_FACTS.get(stem, {}), *NOT_YET_PRINTED.get(stem, [])]
@@ -257,6 +268,12 @@ def test_the_matching_rounds_a_quoted_number_from_what_is_printed(fact):
     (m, suffix, _), = quoted_numbers(f"we quote {fact} here")
     assert matches(m, printed, suffix)
     assert not matches(m, {(1234.5, "")})
+
+
+def test_a_table_with_the_unit_in_its_header_serves_a_quoted_size():
+    (m, suffix, _), = quoted_numbers("dispatch sends 150.5 KB per token")
+    assert matches(m, {(150.5, "")}, suffix)
+    assert not matches(m, {(150.4, ""), (150.5, "GB")}, suffix)
 
 
 def test_definitions_links_and_section_numbers_are_not_quoted_numbers():
