@@ -26,7 +26,6 @@ What is not a quoted measurement, and is not checked:
   result written after ``\\approx`` (``$\\ln 40 \\approx 3.7$``), which is a quoted value.
 
 Facts from the papers that no cell prints go in ``PAPER_FACTS`` with their source.
-``NOT_YET_PRINTED`` lists the numbers older prose typed by hand; it may only shrink.
 A figure's drawing code is not a source: quote what a cell prints next to it.
 """
 
@@ -83,9 +82,11 @@ PAPER_FACTS = {
         "within 0.25% of": "V3 report sec. 3.3",
         "uses 16-way pipeline": "V3 report sec. 3.2", "64-way expert": "V3 report sec. 3.2",
     },
-    "09_scale_out": {"holds it: 671B": "V3 report, abstract",
-                     "reaches about 160 GB/s": "V3 report sec. 3.2.2"},
-    "10_fp8_training": {"Appendix B.1, about 1T": "V3 report, appendix B.1"},
+    "09_scale_out": {"cut to 400 GB/s": "DeepSeek, Insights into DeepSeek-V3 (ISCA 2025) sec. 4.1, "
+                                        "as scale_out.py cites it"},
+    "10_fp8_training": {"Appendix B.1, about 1T": "V3 report, appendix B.1",
+                        "at 16B and 230B": "V3 report, appendix B.1",
+                        "below 0.25 % for": "V3 report sec. 3.3 and appendix B.1"},
     "key_01_rmsnorm_rope_yarn": {"16K context": "the walkthrough's prompt (s = 4 x 4K)"},
     "key_04_aux_loss_free_balancing": {"last 500B tokens": "V3 report sec. 4.2",
                                        "after 14.3T": "V3 report sec. 4.2"},
@@ -97,21 +98,6 @@ PAPER_FACTS = {
         "the 96-wide key": "d_h of the attention config, in the formula above",
         "code to 671B": "the title of notebook 08",
     },
-}
-
-# Numbers typed into the prose of notebooks 01-05 and 08-10 before this check existed:
-# each must become a cell's output (or a PAPER_FACTS entry with its source) in the next
-# pass of issue 16. The list may only shrink: a new unprinted number fails the test.
-NOT_YET_PRINTED = {
-    "09_scale_out": ["parameters are 1.3 TB", "about 3.5B of the 671B", "an 80 GB H800",
-                     "experts are 96% of", "for the 671B run", "one 7,168-wide",
-                     "cut to 400 GB/s", "InfiniBand is 50 GB/s"],
-    "10_fp8_training": ["buys at 671B", "bytes 0…255", "12.5–25 %", "about 18 binades",
-                        "*which* 18 binades", "E4M3's 18 binades", "a 1.7M-parameter",
-                        "about 25× for one-sign", "learning rate of 3e-3",
-                        "at 16B and 230B", "below 0.25 % for",
-                        "BF16 989.5 TFLOPS", "So at 671B", "(685 against 1,365 GB)", "are 17 % of",
-                        "saves at 671B"],
 }
 
 SCALE = {"K": 1e3, "k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12,
@@ -227,7 +213,7 @@ def matches(m, printed, suffix=None):
 def unmatched(path):
     nb = nbformat.read(path, as_version=4)
     printed = printed_numbers(nb)
-    allowed = [*PAPER_FACTS.get(path.stem, {}), *NOT_YET_PRINTED.get(path.stem, [])]
+    allowed = PAPER_FACTS.get(path.stem, {})
     checked, missing = 0, []
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "markdown":
@@ -250,13 +236,13 @@ def test_every_number_the_prose_quotes_is_printed_by_the_notebook(path):
                          "PAPER_FACTS):\n" + "\n".join(missing))
 
 
-@pytest.mark.parametrize("stem", sorted({*PAPER_FACTS, *NOT_YET_PRINTED}))
-def test_every_allowed_quote_is_still_in_its_notebook(stem):
-    # an entry whose prose has been fixed or reworded must leave the lists
+@pytest.mark.parametrize("stem", sorted(PAPER_FACTS))
+def test_every_cited_fact_is_still_quoted_by_its_notebook(stem):
+    # an entry whose prose has been reworded must leave the list
     path = CHECKED[stem]
     contexts = [context for cell in nbformat.read(path, as_version=4).cells
                 if cell.cell_type == "markdown" for _, _, context in quoted_numbers(cell.source)]
-    stale = [fact for fact in [*PAPER_FACTS.get(stem, {}), *NOT_YET_PRINTED.get(stem, [])]
+    stale = [fact for fact in PAPER_FACTS[stem]
              if not any(fact in context for context in contexts)]
     assert not stale, f"{stem}: no quoted number's context holds {stale}; remove them"
 
