@@ -90,6 +90,8 @@ PAPER_FACTS = {
     "key_01_rmsnorm_rope_yarn": {"16K context": "the walkthrough's prompt (s = 4 x 4K)"},
     "key_04_aux_loss_free_balancing": {"last 500B tokens": "V3 report sec. 4.2",
                                        "after 14.3T": "V3 report sec. 4.2"},
+    "key_05_multi_token_prediction": {"report's = 0.0001": "V3 report sec. 4.2 (alpha)"},
+    "key_06_train_toy_model": {"last 500B tokens": "V3 report sec. 4.2"},
     "key_09_scale_out": {"an 80 GB H800": "the H800's memory (V3 report sec. 3.1)",
                          "at 160 GB/s": "V3 report sec. 3.2.2 (NVLink)"},
     "07_generate_and_speculate": {
