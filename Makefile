@@ -29,8 +29,13 @@ train: install
 
 # One thread per process: the suite runs notebook kernels and multi-process tests side by
 # side, and oversubscribed OpenMP threads on a 2-core machine slow everything down badly.
+# So each test runs on one core, and two pytest-xdist workers keep both cores busy (half the
+# wall time on 2 cores). --dist loadfile gives each file, and so each notebook's cells, to one
+# worker, which runs them in order in one kernel. TEST_WORKERS=0 runs the suite serially.
+TEST_WORKERS ?= 2
+
 test: install
-	MINIDSV3_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=10
+	MINIDSV3_QUICK=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider --durations=10
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks
